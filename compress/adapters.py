@@ -1,0 +1,117 @@
+"""Architecture adapters: the one place that knows module names and head layouts.
+
+Every algorithm talks to a model through an :class:`Arch` looked up in :data:`ARCHS` by
+``config.architectures[0]``. Adding an architecture is one table entry; no algorithm contains an ``if`` on a
+model name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from quant.errors import InputError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Module names and attention layout of one decoder-only architecture.
+
+    Attributes name sub-modules relative to the model (``layers``, ``embed``, ...) or relative to one decoder layer
+    (``attn``, ``q`` ...). ``q``..``down`` are relative to the layer, e.g. ``"self_attn.q_proj"``.
+    """
+
+    name: str
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    rotary: str = "model.rotary_emb"
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    # Per-head modules applied after the q/k projections (Qwen3 q/k RMSNorm over head_dim): shared by all heads,
+    # so head pruning leaves them untouched. Listed so that readers know they were considered.
+    per_head_dim_modules: tuple[str, ...] = ()
+
+    @property
+    def attn_linears(self) -> tuple[str, str, str, str]:
+        return (self.q, self.k, self.v, self.o)
+
+    @property
+    def mlp_linears(self) -> tuple[str, str, str]:
+        return (self.gate, self.up, self.down)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return self.attn_linears + self.mlp_linears
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Grouped-query attention layout of one layer.
+
+    ``n_kv`` KV heads, each serving ``group`` query heads (g = H / G), head dimension ``head_dim``.
+    Query head h belongs to KV group h // g (the ``repeat_kv`` convention of transformers).
+    """
+
+    n_kv: int
+    group: int
+    head_dim: int
+
+    @property
+    def n_q(self) -> int:
+        return self.n_kv * self.group
+
+
+ARCHS: dict[str, Arch] = {
+    "LlamaForCausalLM": Arch("llama"),  # also SmolLM/SmolLM2, Llama-2/3
+    "MistralForCausalLM": Arch("mistral"),
+    "Qwen2ForCausalLM": Arch("qwen2"),  # q/k/v carry biases: surgery slices them with their rows
+    "Qwen3ForCausalLM": Arch("qwen3", per_head_dim_modules=("self_attn.q_norm", "self_attn.k_norm")),
+}
+
+
+def arch_for(config: object) -> Arch:
+    """Look up the adapter for ``config.architectures[0]``; a clear error names the unsupported class."""
+    names = getattr(config, "architectures", None) or []
+    if not names or names[0] not in ARCHS:
+        raise InputError(
+            f"model architecture {names[0] if names else None!r} is not supported; "
+            f"expected one of {sorted(ARCHS)} (config.architectures[0])"
+        )
+    return ARCHS[names[0]]
+
+
+def decoder_layers(model: nn.Module, arch: Arch) -> nn.ModuleList:
+    layers = model.get_submodule(arch.layers)
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
+def attention_layout(config: object, layer: nn.Module, arch: Arch) -> AttentionLayout:
+    """Read the (possibly pruned) GQA layout of ``layer`` from its weight shapes.
+
+    Pruning keeps ``g`` query heads per KV head, so ``g`` comes from the base config and the counts from shapes.
+    """
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)  # type: ignore[attr-defined]
+    group = int(config.num_attention_heads // config.num_key_value_heads)  # type: ignore[attr-defined]
+    k_proj = layer.get_submodule(arch.k)
+    n_kv = int(k_proj.weight.shape[0]) // head_dim
+    return AttentionLayout(n_kv=n_kv, group=group, head_dim=head_dim)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the sub-module at dotted ``path`` (the inverse of ``get_submodule``)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)

@@ -1,0 +1,181 @@
+"""The one layer-by-layer calibration engine.
+
+Capture the inputs of decoder layer 0 for the calibration set, then for each layer: move it to the compute
+device, run it on the cached inputs with forward hooks feeding statistic accumulators, optionally let the caller
+modify the layer (progressive pruning), and pass its outputs on as the next layer's inputs. Peak memory is one
+layer plus the activations of the calibration set; statistics stream in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from compress.adapters import Arch, decoder_layers
+
+
+@dataclass
+class ChannelStats:
+    """Streaming first and second moments of the C input channels of one linear layer (float64).
+
+    After N tokens: mean_j = Σx_j / N, sample variance V_j = (Σx_j² − N·mean_j²) / (N − 1), ‖x_j‖₂² = Σx_j².
+    """
+
+    channels: int
+    count: int = 0
+    total: Tensor = field(init=False)
+    total_sq: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total = torch.zeros(self.channels, dtype=torch.float64)
+        self.total_sq = torch.zeros(self.channels, dtype=torch.float64)
+
+    def add_batch(self, x: Tensor) -> None:
+        """x: [..., C] activations entering the linear layer."""
+        x = x.detach().reshape(-1, self.channels).to(torch.float64).cpu()
+        self.count += x.shape[0]
+        self.total += x.sum(0)
+        self.total_sq += (x * x).sum(0)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.total / self.count
+
+    @property
+    def variance(self) -> Tensor:
+        """Sample variance (N − 1 denominator), clamped at 0 against cancellation."""
+        return ((self.total_sq - self.count * self.mean**2) / max(self.count - 1, 1)).clamp_min(0.0)
+
+    @property
+    def sq_norm(self) -> Tensor:
+        """‖x_j‖₂² over all tokens (Wanda's activation norm, squared)."""
+        return self.total_sq
+
+    @property
+    def mean_sq(self) -> Tensor:
+        """E[x_j²] (WIFN's and activation-aware quantization's second moment)."""
+        return self.total_sq / self.count
+
+
+LayerStats = dict[str, ChannelStats]
+WatchFn = Callable[[int, nn.Module], dict[str, nn.Linear]]
+AfterLayerFn = Callable[[int, nn.Module, LayerStats], bool]
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """Cached inputs of one decoder layer, in mini-batches: hidden states [b, L, hidden] + the layer kwargs."""
+
+    hidden: list[Tensor]
+    kwargs: list[dict[str, Any]]
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, arch: Arch, input_ids: Tensor, batch_size: int) -> LayerInputs:
+    """Run the model up to decoder layer 0 and record what it receives (hidden states, masks, rotary cos/sin)."""
+    layers = decoder_layers(model, arch)
+    first = layers[0]
+    captured = LayerInputs([], [])
+
+    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden)
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(first.parameters()).device
+    try:
+        for chunk in input_ids.split(batch_size):
+            try:
+                model(input_ids=chunk.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@contextmanager
+def _watch_inputs(modules: dict[str, nn.Linear]) -> Iterator[LayerStats]:
+    stats = {name: ChannelStats(m.in_features) for name, m in modules.items()}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add_batch(args[0]))
+        for name, m in modules.items()
+    ]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_layer(layer: nn.Module, inputs: LayerInputs) -> list[Tensor]:
+    outs = []
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        out = layer(hidden, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+@torch.no_grad()
+def calibrate_layerwise(
+    model: nn.Module,
+    arch: Arch,
+    input_ids: Tensor,
+    watch: WatchFn,
+    after_layer: AfterLayerFn | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    desc: str = "calibrating",
+) -> list[LayerStats]:
+    """Collect input-channel statistics of the ``watch``-ed linears of every decoder layer, one layer at a time.
+
+    Args:
+        input_ids: [n_samples, seq_len] calibration tokens.
+        watch: (layer_index, layer) -> {name: linear} whose inputs to accumulate.
+        after_layer: optional (layer_index, layer, stats) -> changed; when it modifies the layer (returns True) the
+            layer is re-run so that the next layer sees the modified layer's outputs (progressive calibration).
+        device: where each layer runs; the layer is moved there and back (default: where it already is).
+    Returns: one {name: ChannelStats} per layer.
+    """
+    layers = decoder_layers(model, arch)
+    inputs = capture_layer0_inputs(model, arch, input_ids, batch_size)
+    all_stats: list[LayerStats] = []
+    for index in tqdm(range(len(layers)), desc=desc, unit="layer", leave=False):
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        target = torch.device(device) if device is not None else home
+        layer.to(target)
+        inputs = _to_device(inputs, target)
+        with _watch_inputs(watch(index, layer)) as stats:
+            outputs = _run_layer(layer, inputs)
+        if after_layer is not None and after_layer(index, layer, stats):
+            outputs = _run_layer(layer, inputs)
+        all_stats.append(stats)
+        inputs = LayerInputs(outputs, inputs.kwargs)
+        layer.to(home)
+    return all_stats
+
+
+def _to_device(inputs: LayerInputs, device: torch.device) -> LayerInputs:
+    def move(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.to(device)
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        return value
+
+    return LayerInputs(
+        [h.to(device) for h in inputs.hidden], [{k: move(v) for k, v in kw.items()} for kw in inputs.kwargs]
+    )

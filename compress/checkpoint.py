@@ -1,0 +1,206 @@
+"""Checkpoint writer and reader: safetensors in Hugging Face layout, per-layer shapes, provenance, model card.
+
+Layout of a checkpoint directory:
+    config.json              base config + ``secateurs_layers`` (per-layer linear shapes) + ``auto_map``
+    model.safetensors        tensors under the base architecture's names (pruned shapes, new biases)
+    modeling_secateurs.py    builds the base architecture and resizes its layers (remote code for transformers)
+    tokenizer files, generation_config.json
+    secateurs.json           provenance: recipe, seed, versions, data hashes, tensor hashes, sizes, evaluation
+    README.md                model card generated from secateurs.json
+
+Everything is written to a temporary sibling directory and renamed into place: a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+from importlib import metadata, resources
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from compress.adapters import Arch, decoder_layers
+from compress.prune.surgery import layer_shapes
+from quant.errors import InputError
+
+REMOTE_FILE = "modeling_secateurs.py"
+PROVENANCE_FILE = "secateurs.json"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in ("secateurs", "torch", "transformers", "safetensors", "lm_eval"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def remote_code_source(base_architecture: str) -> str:
+    """The modeling file with its base architecture filled in."""
+    text = resources.files("compress.remote").joinpath(REMOTE_FILE).read_text()
+    marker = 'BASE_ARCHITECTURE = "LlamaForCausalLM"'
+    assert marker in text
+    return text.replace(marker, f"BASE_ARCHITECTURE = {base_architecture!r}", 1)
+
+
+def model_layer_shapes(model: nn.Module, arch: Arch) -> list[dict[str, list[int]]]:
+    return [layer_shapes(layer, arch) for layer in decoder_layers(model, arch)]
+
+
+def tensor_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every tensor's raw bytes in a safetensors file (name → hex digest)."""
+    hashes = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            tensor = f.get_tensor(name).contiguous()
+            hashes[name] = hashlib.sha256(tensor.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashes
+
+
+def _patch_config(folder: Path, arch: Arch, base_architecture: str, shapes: list[dict[str, list[int]]]) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = [base_architecture]
+    config["secateurs_layers"] = shapes
+    config["secateurs_layers_path"] = arch.layers
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_secateurs.SecateursForCausalLM"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> None:
+    """Fail early (before any work) when the output exists and may not be replaced."""
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"output directory {str(out_dir)!r} already exists (set output.overwrite: true or --out)")
+
+
+def write_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    arch: Arch,
+    out_dir: Path,
+    provenance: dict[str, Any],
+    overwrite: bool = False,
+    verify: Callable[[Path], dict[str, str]] | None = None,
+) -> Path:
+    """Write model, tokenizer, config, remote code, provenance and model card atomically to ``out_dir``.
+
+    ``verify(tmp_dir)`` runs on the complete temporary folder before it is renamed into place (e.g. a reload
+    check); it may return extra files {name: text} to add, and an exception from it leaves nothing behind.
+    """
+    prepare_output(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        base_architecture = model.config.architectures[0]
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _patch_config(tmp, arch, base_architecture, model_layer_shapes(model, arch))
+        (tmp / REMOTE_FILE).write_text(remote_code_source(base_architecture))
+        weights = sorted(tmp.glob("*.safetensors"))
+        record = dict(provenance)
+        record["versions"] = versions()
+        record["tensors"] = {k: v for w in weights for k, v in tensor_hashes(w).items()}
+        record["bytes_on_disk"] = {w.name: w.stat().st_size for w in weights}
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(model_card(record))
+        for name, text in (verify(tmp) if verify else {}).items():
+            (tmp / name).write_text(text)
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        out_dir.rename(trash / "old")
+        tmp.rename(out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+
+
+def load_checkpoint_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a Secateurs checkpoint with the in-package copy of its modeling code (no remote code executed)."""
+    import importlib
+
+    config = json.loads((folder / "config.json").read_text())
+    module = importlib.import_module("compress.remote.modeling_secateurs")
+    model_class = module.make_model_class(config["architectures"][0])
+    return model_class.from_pretrained(str(folder), dtype=dtype)
+
+
+def read_provenance(folder: Path) -> dict[str, Any]:
+    path = folder / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def model_card(record: dict[str, Any]) -> str:
+    """A Hub model card (README.md) generated from the provenance record."""
+    recipe = record.get("recipe", {})
+    sizes = record.get("sizes", {})
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [secateurs, pruned, structured-pruning]",
+        f"base_model: {record.get('base_model', 'unknown')}",
+        "---",
+        "",
+        f"# {record.get('base_model', 'model')} compressed with Secateurs",
+        "",
+        f"Steps: {', '.join(record.get('steps_summary', [])) or 'none'}.",
+        f"Parameters: {sizes.get('params_after', '?'):,} (dense {sizes.get('params_before', '?'):,})."
+        if isinstance(sizes.get("params_after"), int)
+        else "",
+        "",
+        "Load it with plain transformers (the pruned layers have per-layer shapes, built by `modeling_secateurs.py`):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
+        "```",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    lines += _evaluation_table(record.get("evaluation", {}))
+    lines += ["", "## Recipe", "", "```json", json.dumps(recipe, indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def _evaluation_table(evaluation: dict[str, Any]) -> list[str]:
+    rows = evaluation.get("rows", [])
+    if not rows:
+        return ["(no evaluation recorded)"]
+    out = ["| metric | dense | compressed | recovery |", "|---|---|---|---|"]
+    for row in rows:
+        out.append(f"| {row['metric']} | {row.get('dense', '')} | {row['compressed']} | {row.get('recovery', '')} |")
+    protocol = evaluation.get("protocol")
+    if protocol:
+        out += ["", f"Protocol: `{json.dumps(protocol, sort_keys=True)}`"]
+    return out
+
+
+def push_to_hub(folder: Path, repo_id: str) -> str:
+    """Upload a checkpoint folder; a clear error when the Hub cannot be reached."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+    except Exception as err:  # huggingface_hub raises many types for network/auth failures
+        raise InputError(f"output.push_to_hub {repo_id!r}: upload failed (offline or not logged in?): {err}") from err
+    return f"https://huggingface.co/{repo_id}"

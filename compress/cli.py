@@ -1,0 +1,92 @@
+"""The ``secateurs`` command line: run a recipe, evaluate a model, show a model's structure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from quant.errors import InputError
+
+log = logging.getLogger("secateurs")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secateurs", description="Compress Hugging Face causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a YAML recipe end to end")
+    run.add_argument("recipe", help="path to a recipe YAML file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a recipe field, e.g. --set steps.0.prune.ratio=0.3 (repeatable)")
+    run.add_argument("--out", help="output directory (overrides output.dir)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ev = sub.add_parser("eval", help="evaluate a model directory, GGUF file, Hub id or 'default'")
+    ev.add_argument("model")
+    ev.add_argument("--tasks", help="comma-separated lm-eval tasks (default: the shipped offline tasks)")
+    ev.add_argument("--limit", type=int, help="lm-eval examples per task")
+    ev.add_argument("--ppl-windows", type=int, default=64, help="held-out perplexity windows (0 = skip)")
+    ev.add_argument("--seed", type=int, default=0)
+    info = sub.add_parser("info", help="per-layer shapes, parameters and bytes of a model")
+    info.add_argument("model")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from compress.pipeline import run
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"output.dir={args.out}")
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
+    result = run(args.recipe, overrides)
+    for row in result.report.get("evaluation", {}).get("rows", []):
+        print(f"{row['metric']:40s} dense={row.get('dense', '-')!s:>10} compressed={row['compressed']!s:>10} "
+              f"recovery={row.get('recovery', '-')}")
+    sizes = result.report["sizes"]
+    print(f"parameters: {sizes['params_before']:,} -> {sizes['params_after']:,}; checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from compress.evaluate import evaluate_model
+    from compress.loading import load_model
+    from compress.recipe import LmEvalConfig, PerplexityConfig
+
+    loaded = load_model(args.model)
+    ppl = PerplexityConfig(max_windows=args.ppl_windows) if args.ppl_windows else None
+    lm = LmEvalConfig(limit=args.limit) if args.tasks is None else LmEvalConfig(
+        tasks=[t for t in args.tasks.split(",") if t], limit=args.limit)
+    result = evaluate_model(loaded.model, loaded.tokenizer, ppl, lm, args.seed)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from compress.info import describe, format_description
+    from compress.loading import load_model
+
+    loaded = load_model(args.model)
+    description = describe(loaded.model, Path(loaded.path) if loaded.path else None)
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="secateurs: %(message)s")
+    handlers: dict[str, Any] = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info}
+    try:
+        return int(handlers[args.command](args))
+    except InputError as err:
+        print(f"secateurs: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

