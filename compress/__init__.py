@@ -1,8 +1,8 @@
 """Secateurs: make Hugging Face causal LMs smaller and faster without retraining.
 
-    >>> import compress
-    >>> result = compress.run("recipes/smollm2-flap-20.yaml")   # doctest: +SKIP
-    >>> result.checkpoint, result.report["evaluation"]["rows"]  # doctest: +SKIP
+>>> import compress
+>>> result = compress.run("recipes/smollm2-flap-20.yaml")   # doctest: +SKIP
+>>> result.checkpoint, result.report["evaluation"]["rows"]  # doctest: +SKIP
 """
 
 from __future__ import annotations

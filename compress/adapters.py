@@ -8,6 +8,7 @@ model name.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -105,9 +106,27 @@ def attention_layout(config: object, layer: nn.Module, arch: Arch) -> AttentionL
     """
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)  # type: ignore[attr-defined]
     group = int(config.num_attention_heads // config.num_key_value_heads)  # type: ignore[attr-defined]
-    k_proj = layer.get_submodule(arch.k)
-    n_kv = int(k_proj.weight.shape[0]) // head_dim
+    n_kv = linear_shape(layer, arch.k)[0] // head_dim
     return AttentionLayout(n_kv=n_kv, group=group, head_dim=head_dim)
+
+
+def linear_at(layer: nn.Module, path: str) -> nn.Linear:
+    """The linear layer at dotted ``path`` inside ``layer`` (typed, with a clear error otherwise)."""
+    module = layer.get_submodule(path)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{path} is a {type(module).__name__}, expected nn.Linear (prune before quantizing)")
+    return module
+
+
+def linear_shape(layer: nn.Module, path: str) -> tuple[int, int, bool]:
+    """(out_features, in_features, has_bias) of a linear or packed linear at ``path`` inside ``layer``."""
+    module: Any = layer.get_submodule(path)
+    return int(module.out_features), int(module.in_features), getattr(module, "bias", None) is not None
+
+
+def model_config(model: nn.Module) -> Any:
+    """The Hugging Face config of ``model``."""
+    return model.config
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

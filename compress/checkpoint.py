@@ -13,13 +13,14 @@ Everything is written to a temporary sibling directory and renamed into place: a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import platform
 import shutil
 import tempfile
-from importlib import metadata, resources
 from collections.abc import Callable
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from compress.adapters import Arch, decoder_layers
+from compress.adapters import Arch, decoder_layers, model_config
 from compress.prune.surgery import layer_shapes
+from compress.quantize import dequantize_model, quant_linears
 from quant.errors import InputError
+from quant.hf import SecateursQuantConfig, module_spec
 
 REMOTE_FILE = "modeling_secateurs.py"
 PROVENANCE_FILE = "secateurs.json"
@@ -67,9 +70,18 @@ def tensor_hashes(path: Path) -> dict[str, str]:
     return hashes
 
 
-def _patch_config(folder: Path, arch: Arch, base_architecture: str, shapes: list[dict[str, list[int]]]) -> None:
+def _patch_config(
+    folder: Path,
+    arch: Arch,
+    base_architecture: str,
+    shapes: list[dict[str, list[int]]],
+    quantization: dict[str, Any] | None,
+) -> None:
     path = folder / "config.json"
     config = json.loads(path.read_text())
+    config.pop("quantization_config", None)
+    if quantization is not None:
+        config["quantization_config"] = quantization
     config["architectures"] = [base_architecture]
     config["secateurs_layers"] = shapes
     config["secateurs_layers_path"] = arch.layers
@@ -77,10 +89,21 @@ def _patch_config(folder: Path, arch: Arch, base_architecture: str, shapes: list
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def quantization_config(model: nn.Module) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a model holding packed layers (None when it has none)."""
+    modules = quant_linears(model)
+    if not modules:
+        return None
+    specs = {name: module_spec(m, getattr(m, "dtypes", "unknown")) for name, m in modules.items()}
+    return SecateursQuantConfig(specs).to_dict()
+
+
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
     """Fail early (before any work) when the output exists and may not be replaced."""
     if out_dir.exists() and not overwrite:
-        raise InputError(f"output directory {str(out_dir)!r} already exists (set output.overwrite: true or --out)")
+        raise InputError(
+            f"output directory {str(out_dir)!r} already exists (set output.overwrite: true or --out)"
+        )
 
 
 def write_checkpoint(
@@ -91,20 +114,25 @@ def write_checkpoint(
     provenance: dict[str, Any],
     overwrite: bool = False,
     verify: Callable[[Path], dict[str, str]] | None = None,
+    export: str = "packed",
 ) -> Path:
     """Write model, tokenizer, config, remote code, provenance and model card atomically to ``out_dir``.
 
     ``verify(tmp_dir)`` runs on the complete temporary folder before it is renamed into place (e.g. a reload
     check); it may return extra files {name: text} to add, and an exception from it leaves nothing behind.
+    ``export="dequantized"`` writes packed layers as plain fp32 linears (for tools that accept nothing else).
     """
     prepare_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        base_architecture = model.config.architectures[0]
-        model.save_pretrained(tmp)
+        base_architecture: str = model_config(model).architectures[0]
+        if export == "dequantized" and quant_linears(model):
+            model = copy.deepcopy(model)
+            dequantize_model(model)
+        model.save_pretrained(tmp)  # type: ignore[operator]
         tokenizer.save_pretrained(tmp)
-        _patch_config(tmp, arch, base_architecture, model_layer_shapes(model, arch))
+        _patch_config(tmp, arch, base_architecture, model_layer_shapes(model, arch), quantization_config(model))
         (tmp / REMOTE_FILE).write_text(remote_code_source(base_architecture))
         weights = sorted(tmp.glob("*.safetensors"))
         record = dict(provenance)
@@ -186,7 +214,9 @@ def _evaluation_table(evaluation: dict[str, Any]) -> list[str]:
         return ["(no evaluation recorded)"]
     out = ["| metric | dense | compressed | recovery |", "|---|---|---|---|"]
     for row in rows:
-        out.append(f"| {row['metric']} | {row.get('dense', '')} | {row['compressed']} | {row.get('recovery', '')} |")
+        out.append(
+            f"| {row['metric']} | {row.get('dense', '')} | {row['compressed']} | {row.get('recovery', '')} |"
+        )
     protocol = evaluation.get("protocol")
     if protocol:
         out += ["", f"Protocol: `{json.dumps(protocol, sort_keys=True)}`"]
@@ -202,5 +232,7 @@ def push_to_hub(folder: Path, repo_id: str) -> str:
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id)
     except Exception as err:  # huggingface_hub raises many types for network/auth failures
-        raise InputError(f"output.push_to_hub {repo_id!r}: upload failed (offline or not logged in?): {err}") from err
+        raise InputError(
+            f"output.push_to_hub {repo_id!r}: upload failed (offline or not logged in?): {err}"
+        ) from err
     return f"https://huggingface.co/{repo_id}"

@@ -20,8 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a YAML recipe end to end")
     run.add_argument("recipe", help="path to a recipe YAML file")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override a recipe field, e.g. --set steps.0.prune.ratio=0.3 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe field, e.g. --set steps.0.prune.ratio=0.3 (repeatable)",
+    )
     run.add_argument("--out", help="output directory (overrides output.dir)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ev = sub.add_parser("eval", help="evaluate a model directory, GGUF file, Hub id or 'default'")
@@ -46,10 +52,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append("output.overwrite=true")
     result = run(args.recipe, overrides)
     for row in result.report.get("evaluation", {}).get("rows", []):
-        print(f"{row['metric']:40s} dense={row.get('dense', '-')!s:>10} compressed={row['compressed']!s:>10} "
-              f"recovery={row.get('recovery', '-')}")
+        print(
+            f"{row['metric']:40s} dense={row.get('dense', '-')!s:>10} compressed={row['compressed']!s:>10} "
+            f"recovery={row.get('recovery', '-')}"
+        )
     sizes = result.report["sizes"]
-    print(f"parameters: {sizes['params_before']:,} -> {sizes['params_after']:,}; checkpoint: {result.checkpoint}")
+    print(
+        f"parameters: {sizes['params_before']:,} -> {sizes['params_after']:,}; checkpoint: {result.checkpoint}"
+    )
     return 0
 
 
@@ -60,8 +70,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model)
     ppl = PerplexityConfig(max_windows=args.ppl_windows) if args.ppl_windows else None
-    lm = LmEvalConfig(limit=args.limit) if args.tasks is None else LmEvalConfig(
-        tasks=[t for t in args.tasks.split(",") if t], limit=args.limit)
+    lm = (
+        LmEvalConfig(limit=args.limit)
+        if args.tasks is None
+        else LmEvalConfig(tasks=[t for t in args.tasks.split(",") if t], limit=args.limit)
+    )
     result = evaluate_model(loaded.model, loaded.tokenizer, ppl, lm, args.seed)
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
@@ -79,7 +92,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="secateurs: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="secateurs: %(message)s"
+    )
     handlers: dict[str, Any] = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info}
     try:
         return int(handlers[args.command](args))

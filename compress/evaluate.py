@@ -34,7 +34,9 @@ def perplexity(model: nn.Module, tokenizer: Any, cfg: PerplexityConfig) -> dict[
     for batch in windows.split(cfg.batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
         nll += float(loss)
         count += batch[:, 1:].numel()
     return {

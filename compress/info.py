@@ -1,4 +1,5 @@
-"""``secateurs info``: per-layer shapes, parameter counts and bytes of a (possibly pruned) model."""
+"""``secateurs info``: per-layer shapes, parameter counts, bits per weight and bytes of a (possibly compressed)
+model."""
 
 from __future__ import annotations
 
@@ -7,31 +8,35 @@ from typing import Any
 
 from torch import nn
 
-from compress.adapters import arch_for, attention_layout, decoder_layers
+from compress.adapters import arch_for, attention_layout, decoder_layers, linear_shape, model_config
 from compress.prune.pruner import count_parameters, prunable_parameters
+from compress.quantize import quant_linears, weight_storage
 
 
 def describe(model: nn.Module, folder: Path | None = None) -> dict[str, Any]:
-    arch = arch_for(model.config)
+    arch = arch_for(model_config(model))
     layers = []
     for index, layer in enumerate(decoder_layers(model, arch)):
-        layout = attention_layout(model.config, layer, arch)
-        layers.append({
-            "layer": index,
-            "q_heads": layout.n_q,
-            "kv_heads": layout.n_kv,
-            "intermediate": int(layer.get_submodule(arch.down).in_features),
-            "o_bias": layer.get_submodule(arch.o).bias is not None,
-            "down_bias": layer.get_submodule(arch.down).bias is not None,
-            "params": sum(p.numel() for p in layer.parameters()),
-        })
-    unique = {id(p): p for p in model.parameters()}.values()
-    tensor_bytes = sum(p.numel() * p.element_size() for p in unique)
+        layout = attention_layout(model_config(model), layer, arch)
+        layers.append(
+            {
+                "layer": index,
+                "q_heads": layout.n_q,
+                "kv_heads": layout.n_kv,
+                "intermediate": linear_shape(layer, arch.down)[1],
+                "o_bias": linear_shape(layer, arch.o)[2],
+                "down_bias": linear_shape(layer, arch.down)[2],
+                "params": count_parameters(layer),
+            }
+        )
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     out: dict[str, Any] = {
-        "architecture": model.config.architectures[0],
+        "architecture": model_config(model).architectures[0],
         "params": count_parameters(model),
         "prunable_params": prunable_parameters(model, arch),
-        "tensor_bytes": tensor_bytes,
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "quantized_linears": len(quant_linears(model)),
+        **weight_storage(model),
         "layers": layers,
     }
     if folder is not None:
@@ -43,10 +48,15 @@ def format_description(d: dict[str, Any]) -> str:
     lines = [
         f"architecture: {d['architecture']}",
         f"parameters: {d['params']:,} (prunable decoder linears: {d['prunable_params']:,})",
-        f"tensor bytes: {d['tensor_bytes']:,}" + (f"; on disk: {d['bytes_on_disk']:,}" if "bytes_on_disk" in d else ""),
-        "",
-        "layer  q_heads  kv_heads  intermediate  o_bias  down_bias      params",
+        f"tensor bytes in memory: {d['tensor_bytes']:,}"
+        + (f"; safetensors on disk: {d['bytes_on_disk']:,}" if "bytes_on_disk" in d else ""),
     ]
+    if d["quantized_linears"]:
+        lines.append(
+            f"quantized linears: {d['quantized_linears']} holding {d['quantized_weights']:,} weights at "
+            f"{d['bits_per_weight']:.4f} bits/weight (codes + scales + type ids + zero points + tables)"
+        )
+    lines += ["", "layer  q_heads  kv_heads  intermediate  o_bias  down_bias      params"]
     for row in d["layers"]:
         lines.append(
             f"{row['layer']:5d}  {row['q_heads']:7d}  {row['kv_heads']:8d}  {row['intermediate']:12d}  "

@@ -16,10 +16,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from quant.errors import InputError
 
@@ -70,7 +71,7 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     log.info("converting %s to fp32 safetensors in %s (once)", gguf.name, out)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.hf_quantizer = None  # the GGUF quantizer blocks save_pretrained; weights are already dequantised
+    model.hf_quantizer = None  # type: ignore[assignment]  # the GGUF quantizer blocks save_pretrained; weights are already dequantised
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.architectures = [type(model).__name__]
@@ -96,10 +97,14 @@ def resolve_source(source: str) -> Path | str:
         return convert_gguf(path)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise InputError(f"model directory {source!r} has no config.json: expected a Hugging Face model folder")
+            raise InputError(
+                f"model directory {source!r} has no config.json: expected a Hugging Face model folder"
+            )
         return path
     if path.exists():
-        raise InputError(f"model {source!r} is a file but not a .gguf file: expected a GGUF file or a directory")
+        raise InputError(
+            f"model {source!r} is a file but not a .gguf file: expected a GGUF file or a directory"
+        )
     looks_like_path = source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
     if looks_like_path:
         raise InputError(f"model path {source!r} does not exist")
@@ -124,13 +129,8 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
                 f"provide it (offline?): {str(err).splitlines()[0]}"
             ) from err
         raise
-    if not getattr(model.config, "architectures", None):
-        model.config.architectures = [type(model).__name__]
+    config: Any = model.config
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]
     model.to(device).eval()
     return LoadedModel(model, tokenizer, source, resolved if isinstance(resolved, Path) else None)
-
-
-def load_config(source: str) -> object:
-    """The config only (cheap), for ``secateurs info``."""
-    resolved = resolve_source(source)
-    return AutoConfig.from_pretrained(str(resolved))

@@ -18,7 +18,7 @@ from compress.corpus import calibration_batches, corpus_fingerprint, load_docume
 from compress.evaluate import comparison_rows, evaluate_model
 from compress.loading import load_model
 from compress.prune.pruner import count_parameters, prunable_parameters
-from compress.recipe import Recipe, apply_overrides, load_recipe_dict, parse_recipe
+from compress.recipe import QuantizeStep, Recipe, apply_overrides, load_recipe_dict, parse_recipe
 from compress.report import report_markdown
 from compress.steps import StepContext, apply_step
 
@@ -107,7 +107,9 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
         "evaluation": evaluation,
     }
     clock = time.perf_counter()
-    probe = calibration[:2] if calibration is not None else tokenizer("Secateurs", return_tensors="pt").input_ids
+    probe = (
+        calibration[:2] if calibration is not None else tokenizer("Secateurs", return_tensors="pt").input_ids
+    )
     report: dict[str, Any] = {**provenance}
 
     def verify(folder: Path) -> dict[str, Any]:
@@ -118,9 +120,13 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
             "report.md": report_markdown(report),
         }
 
-    write_checkpoint(model, tokenizer, arch, out_dir, provenance, cfg.output.overwrite, verify)
+    exports = [step.quantize.export for step in cfg.steps if isinstance(step, QuantizeStep)]
+    export = exports[-1] if exports else "packed"
+    write_checkpoint(model, tokenizer, arch, out_dir, provenance, cfg.output.overwrite, verify, export)
     timings["write"] = time.perf_counter() - clock
-    log.info("checkpoint written to %s (reload max |Δlogit| = %.2e)", out_dir, report["reload_max_abs_logit_diff"])
+    log.info(
+        "checkpoint written to %s (reload max |Δlogit| = %.2e)", out_dir, report["reload_max_abs_logit_diff"]
+    )
     if cfg.output.push_to_hub:
         report["hub_url"] = push_to_hub(out_dir, cfg.output.push_to_hub)
     return RunResult(model, tokenizer, out_dir, report)

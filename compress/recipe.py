@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from quant.errors import InputError
 
@@ -57,7 +57,59 @@ class PruneStep(Strict):
     prune: PruneConfig
 
 
-Step = PruneStep  # later: PruneStep | QuantizeStep | NasStep (each a one-key mapping)
+def _known_dtypes(name: str | None) -> str | None:
+    from quant.datatypes import DATATYPE_SETS
+
+    if name is not None and name not in DATATYPE_SETS:
+        raise ValueError(f"unknown datatype set {name!r}; expected one of {sorted(DATATYPE_SETS)}")
+    return name
+
+
+class QuantOverride(Strict):
+    """Mixed precision: linears whose full name matches ``match`` (regex) use these settings instead."""
+
+    match: str
+    dtypes: str | None = None
+    group_size: int | None = Field(None, ge=1)
+
+    _known = field_validator("dtypes")(classmethod(lambda cls, v: _known_dtypes(v)))
+
+
+class QuantizeConfig(Strict):
+    """Weight quantization of the decoder linears into packed bit planes with per-group datatypes.
+
+    ``dtypes`` names a datatype set of ``quant.datatypes`` (bitmod4, bitmod3, int4_asym, nf4, ...); every group of
+    ``group_size`` consecutive input weights of a row picks the member with the lowest error. ``modules`` is a
+    regex on the linear's path inside a decoder layer (e.g. "self_attn\\..*"). lm_head and embeddings are never
+    quantized (they are tied in SmolLM2).
+    """
+
+    dtypes: str = "bitmod4"
+    group_size: int | None = Field(128, ge=1, description="None = one group per output channel")
+    shrink_factors: list[float] = Field(default_factory=lambda: [1.0])
+    activation_aware: bool = False
+    modules: str = ".*"
+    overrides: list[QuantOverride] = Field(default_factory=list)
+    export: Literal["packed", "dequantized"] = "packed"
+
+    _known = field_validator("dtypes")(classmethod(lambda cls, v: _known_dtypes(v)))
+
+
+class QuantizeStep(Strict):
+    quantize: QuantizeConfig
+
+
+def _step_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return next(iter(value), None) if len(value) == 1 else None
+    return "prune" if isinstance(value, PruneStep) else "quantize" if isinstance(value, QuantizeStep) else None
+
+
+# each step is a one-key mapping, {"prune": {...}} or {"quantize": {...}}, dispatched on that key
+Step = Annotated[
+    Annotated[PruneStep, Tag("prune")] | Annotated[QuantizeStep, Tag("quantize")],
+    Discriminator(_step_kind, custom_error_type="step", custom_error_message="expected one key: prune or quantize"),
+]
 
 
 class PerplexityConfig(Strict):
@@ -100,10 +152,22 @@ class Recipe(Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     evaluation: EvaluationConfig | None = Field(default_factory=EvaluationConfig)
 
+    @model_validator(mode="after")
+    def _prune_before_quantize(self) -> Recipe:
+        quantized = False
+        for index, step in enumerate(self.steps):
+            if isinstance(step, QuantizeStep):
+                quantized = True
+            elif quantized:
+                raise ValueError(f"steps.{index}: prune steps must come before quantize steps")
+        return self
+
 
 def _format_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "<root>"
+    loc = [str(p) for p in first["loc"]]
+    loc = [p for i, p in enumerate(loc) if i == 0 or p != loc[i - 1]]  # drop the union tag ("prune.prune")
+    where = ".".join(loc) or "<root>"
     if first["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{where}'"
     given = first.get("input")

@@ -16,7 +16,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         "| size | dense | compressed |",
         "|---|---|---|",
         f"| parameters | {sizes.get('params_before', '?'):,} | {sizes.get('params_after', '?'):,} |",
-        f"| prunable decoder parameters | {sizes.get('prunable_before', '?'):,} | {sizes.get('prunable_after', '?'):,} |",
+        f"| prunable decoder parameters | {sizes.get('prunable_before', '?'):,} "
+        f"| {sizes.get('prunable_after', '?'):,} |",
         "",
     ]
     evaluation = report.get("evaluation") or {}

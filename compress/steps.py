@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from compress.adapters import Arch
 from compress.prune.pruner import prune_model
-from compress.recipe import PruneStep, Step
+from compress.quantize import quantize_model, weight_storage
+from compress.recipe import PruneStep, QuantizeStep, Step
 
 
 @dataclass
@@ -30,4 +31,14 @@ def apply_step(step: Step, ctx: StepContext) -> dict[str, Any]:
         record["config"] = cfg.model_dump(mode="json")
         record["summary"] = f"{cfg.method} {cfg.structure} ratio={cfg.ratio}"
         return record
+    if isinstance(step, QuantizeStep):
+        qcfg = step.quantize
+        modules = quantize_model(ctx.model, ctx.arch, qcfg, ctx.calibration, ctx.batch_size, ctx.device)
+        storage = weight_storage(ctx.model)
+        return {
+            "config": qcfg.model_dump(mode="json"),
+            "modules": modules,
+            **storage,
+            "summary": f"quantize {qcfg.dtypes} g{qcfg.group_size} ({storage['bits_per_weight']:.3f} bits/weight)",
+        }
     raise TypeError(f"unknown step {type(step).__name__}")

@@ -81,6 +81,8 @@ def jit_build(verbose: bool = False) -> ModuleType:
     """Compile (or reuse) the extension in :func:`cache_dir` with torch's JIT loader. Raises on failure."""
     from torch.utils import cpp_extension
 
+    if JIT_NAME in sys.modules:  # built or loaded earlier in this process (e.g. when cuda_ext was imported)
+        return sys.modules[JIT_NAME]
     blocker = build_blocker()
     if blocker is not None:
         raise RuntimeError(blocker)
@@ -104,6 +106,7 @@ def jit_build(verbose: bool = False) -> ModuleType:
         verbose=verbose,
     )
     logger.info("CUDA extension ready: %s", module.__file__)
+    sys.modules.setdefault(JIT_NAME, module)
     return module
 
 

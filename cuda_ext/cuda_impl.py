@@ -3,7 +3,10 @@
 :func:`register` adds them to the ops of :mod:`cuda_ext.ops` with ``op.register_kernel("cuda")``. Inputs the
 kernels do not cover (float32 activations, a group size that is neither a multiple of 32 nor per channel,
 non-contiguous packed tensors) go to the torch reference, so the CUDA registration never narrows what the op
-accepts.
+accepts. ``dequantize`` is bit-exact with the reference. ``quant_matmul`` with at most 8 rows of activations
+runs the fused GEMV, which multiplies by the unrounded fp32 weights (the reference rounds Ŵ to x.dtype
+first): results agree within that rounding and fp32 accumulation error; above 8 rows it is the reference's
+computation (dequantise to x.dtype, then cuBLAS).
 """
 
 from __future__ import annotations

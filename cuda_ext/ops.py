@@ -95,15 +95,16 @@ def _quant_matmul_backward(ctx: object, grad_y: torch.Tensor) -> tuple:
 quant_matmul.register_autograd(_quant_matmul_backward, setup_context=_setup_quant_matmul_context)
 
 
-def _register_cuda_kernels() -> str:
-    """Try the CUDA extension; returns the reason it is not used, or "" when it is."""
+def _register_cuda_kernels() -> str | None:
+    """Try the CUDA extension; returns the reason it is not used, "" when it is, None when ``cuda_impl`` already
+    logged its own (more precise) reason."""
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
     try:
         cuda_impl = importlib.import_module("cuda_ext.cuda_impl")
         if cuda_impl.register(dequantize, quant_matmul):
             return ""
-        return "cuda_impl.register() returned False"
+        return None
     except Exception as exc:  # an import or build error must not break CPU-only use: log it instead
         return f"{type(exc).__name__}: {exc}"
 
@@ -116,6 +117,8 @@ def backend() -> str:
 def _init_backend() -> None:
     global _backend
     reason = _register_cuda_kernels()
+    if reason is None:
+        return
     if reason:
         level = logging.WARNING if torch.cuda.is_available() else logging.INFO
         logger.log(level, "CUDA extension unavailable → torch reference (%s)", reason)

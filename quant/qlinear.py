@@ -1,6 +1,8 @@
 """QuantLinear: a Linear layer whose weight is held in the bit-plane format of :mod:`cuda_ext.reference`.
 
-State dict keys (all plain tensors, safetensors-compatible): ``planes`` int32 [bits, out, ceil(in/32)],
+State dict keys (all plain tensors, safetensors-compatible): ``weight`` = the bit planes, int32
+[bits, out, ceil(in/32)] (stored under ``weight``, as bitsandbytes stores its packed data, so that loading a
+quantized checkpoint without our quantizer fails with a shape mismatch instead of silently loading garbage),
 ``type_ids`` uint8 [out, n_groups], ``scales`` fp16 [out, n_groups], ``zeros`` fp16 [out, n_groups] (only for
 asymmetric sets), ``tables`` fp32 [n_types, 2**bits], ``bias`` [out] (only when present). The integer
 attributes (in/out_features, bits, group_size) are not in the state dict: a checkpoint must record them
@@ -18,13 +20,13 @@ import cuda_ext  # noqa: F401  (registers torch.ops.secateurs.*)
 from quant.pack import PackedWeight, QuantizedWeight, pack_weight
 
 # Buffers whose dtype is part of the format: Module.to(dtype) / .half() must not convert them.
-FORMAT_BUFFERS = ("planes", "type_ids", "scales", "zeros", "tables")
+FORMAT_BUFFERS = ("weight", "type_ids", "scales", "zeros", "tables")
 
 
 class QuantLinear(nn.Module):
     """y = x Ŵᵀ + b with Ŵ dequantised from bit planes by ``torch.ops.secateurs.quant_matmul``."""
 
-    planes: torch.Tensor
+    weight: torch.Tensor  # the bit planes
     type_ids: torch.Tensor
     scales: torch.Tensor
     tables: torch.Tensor
@@ -37,7 +39,7 @@ class QuantLinear(nn.Module):
         self.out_features = packed.out_features
         self.bits = packed.bits
         self.group_size = packed.group_size
-        self.register_buffer("planes", packed.planes)
+        self.register_buffer("weight", packed.planes)
         self.register_buffer("type_ids", packed.type_ids)
         self.register_buffer("scales", packed.scales)
         self.register_buffer("tables", packed.tables)
@@ -84,6 +86,11 @@ class QuantLinear(nn.Module):
         )
         bias = new((out_features,), bias_dtype) if bias_dtype is not None else None
         return cls(packed, bias)
+
+    @property
+    def planes(self) -> torch.Tensor:
+        """int32 [bits, out, ceil(in/32)]: bit k of code (o, 32w + i) is bit i of planes[k, o, w]."""
+        return self.weight
 
     @property
     def has_zeros(self) -> bool:

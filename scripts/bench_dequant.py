@@ -19,7 +19,8 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ def peak_gbs(device_name: str) -> float | None:
     return next((gbs for key, gbs in PEAK_GBS if key in name), None)
 
 
-def median_ms(fns: list[Callable[[], object]], reps: int, iters: int) -> float:
+def median_ms(fns: Sequence[Callable[[], object]], reps: int, iters: int) -> float:
     """Median ms per call of fns[i % len(fns)], timed as a CUDA graph of `reps` calls (else an eager loop)."""
     for fn in fns:  # warm-up outside the graph: module load, allocator, cudaFuncSetAttribute
         fn()
@@ -98,7 +99,7 @@ def bench_bnb(bnb, out_f: int, in_f: int, batch: int, l2: int, reps: int, iters:
             weights.append(bnb.functional.quantize_4bit(w, quant_type="nf4"))
             del w
         x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
-        fns = [lambda q=q, s=s: bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in weights]
+        fns = [partial(bnb.matmul_4bit, x, q.t(), quant_state=s) for q, s in weights]
         return median_ms(fns, reps, iters)
     except Exception as exc:
         print(f"  bitsandbytes NF4 failed: {type(exc).__name__}: {exc}")
@@ -144,9 +145,7 @@ def main() -> int:
             for _ in range(copies_for(out_f * in_f * 2, l2))
         ]
         x = torch.randn(batch, in_f, device=device, dtype=torch.float16)
-        fp16_ms = median_ms(
-            [lambda w=w, x=x: torch.matmul(x, w.t()) for w in dense_copies], args.reps, args.iters
-        )
+        fp16_ms = median_ms([partial(torch.matmul, x, w.t()) for w in dense_copies], args.reps, args.iters)
         del dense_copies
         bnb_ms = bench_bnb(bnb, out_f, in_f, batch, l2, args.reps, args.iters) if bnb else None
         for bits in args.bits:
@@ -154,7 +153,7 @@ def main() -> int:
             nbytes = packed_bytes(copies[0])
             copies += [random_packed(out_f, in_f, bits, device) for _ in range(copies_for(nbytes, l2) - 1)]
             fused_ms = median_ms(
-                [lambda p=p, x=x, k=in_f: ext.quant_matmul(x, *p, k, GROUP_SIZE) for p in copies],
+                [partial(ext.quant_matmul, x, *p, in_f, GROUP_SIZE) for p in copies],
                 args.reps,
                 args.iters,
             )

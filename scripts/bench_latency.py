@@ -38,8 +38,14 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> dict[str
     forward = median_seconds(lambda: model(input_ids=ids[:, :512], use_cache=False), repeats)
     prompt = ids[:, :32]
     decode = median_seconds(
-        lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64, min_new_tokens=64,
-                               do_sample=False, pad_token_id=0),
+        lambda: model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=64,
+            min_new_tokens=64,
+            do_sample=False,
+            pad_token_id=0,
+        ),
         repeats,
     )
     return {"forward_512_s": forward, "decode_64_s": decode}

@@ -3,7 +3,8 @@ magnitude-sp at several ratios, with exact parameter counts and the calibration/
 
     python scripts/prune_results.py [--ratios 0.2 0.3 0.5] [--out docs/results]
 
-Cost: about 15 minutes on a 2-core CPU (one calibration per pruned model, 11 perplexity evaluations).
+Cost: about 15 minutes on a 2-core CPU (one shared dense calibration, one more per progressive variant, 16
+perplexity evaluations).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from compress.adapters import arch_for
 from compress.corpus import calibration_batches
 from compress.evaluate import perplexity
 from compress.loading import load_model
-from compress.prune.pruner import count_parameters, prune_model, prunable_parameters
+from compress.prune.pruner import collect_statistics, count_parameters, prunable_parameters, prune_model
 from compress.recipe import CalibrationConfig, PerplexityConfig, PruneConfig
 
 VARIANTS = [
@@ -47,6 +48,7 @@ def main() -> None:
     cal = CalibrationConfig()
     ppl_cfg = PerplexityConfig()
     ids = calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, args.seed)
+    dense_stats = collect_statistics(dense, arch, ids, cal.batch_size)  # shared by every dense-statistics variant
     rows = []
     result = perplexity(dense, tokenizer, ppl_cfg)
     protocol = result["protocol"]
@@ -57,7 +59,7 @@ def main() -> None:
             name, options = VARIANTS[index]
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            prune_model(model, arch, PruneConfig(ratio=ratio, **options), ids, cal.batch_size)
+            prune_model(model, arch, PruneConfig(ratio=ratio, **options), ids, cal.batch_size, dense_stats=dense_stats)
             seconds = time.perf_counter() - start
             rows.append(_row(name, ratio, model, arch, perplexity(model, tokenizer, ppl_cfg)["perplexity"], seconds))
             rows[-1]["prunable_removed"] = 1 - rows[-1]["prunable"] / rows[0]["prunable"]
@@ -65,16 +67,27 @@ def main() -> None:
             del model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"model": args.model, "calibration": cal.model_dump(), "seed": args.seed, "eval_protocol": protocol,
-              "rows": rows}
+    record = {
+        "model": args.model,
+        "calibration": cal.model_dump(),
+        "seed": args.seed,
+        "eval_protocol": protocol,
+        "rows": rows,
+    }
     (out / "pruning.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "pruning.md").write_text(markdown(record))
     print((out / "pruning.md").read_text())
 
 
 def _row(name: str, ratio: float, model: torch.nn.Module, arch, ppl: float, seconds: float) -> dict:
-    return {"method": name, "ratio": ratio, "params": count_parameters(model),
-            "prunable": prunable_parameters(model, arch), "ppl": round(ppl, 3), "prune_seconds": round(seconds, 1)}
+    return {
+        "method": name,
+        "ratio": ratio,
+        "params": count_parameters(model),
+        "prunable": prunable_parameters(model, arch),
+        "ppl": round(ppl, 3),
+        "prune_seconds": round(seconds, 1),
+    }
 
 
 def markdown(record: dict) -> str:
@@ -97,8 +110,10 @@ def markdown(record: dict) -> str:
     ]
     for row in record["rows"]:
         removed = f"{row.get('prunable_removed', 0.0):.2%}"
-        lines.append(f"| {row['ratio']:.0%} | {row['method']} | {row['params']:,} | {row['prunable']:,} | "
-                     f"{removed} | {row['ppl']:.2f} |")
+        lines.append(
+            f"| {row['ratio']:.0%} | {row['method']} | {row['params']:,} | {row['prunable']:,} | "
+            f"{removed} | {row['ppl']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

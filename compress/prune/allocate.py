@@ -98,7 +98,9 @@ def allocate(
         return attn_masks, allocate_global(mlp, mlp_budget, min_units)
     per_layer = mlp_budget / max(len(mlp), 1)
     mlp_masks = [
-        top_units(m.scores, max(min(min_units, m.scores.numel()), min(m.scores.numel(), round(per_layer / m.cost))))
+        top_units(
+            m.scores, max(min(min_units, m.scores.numel()), min(m.scores.numel(), round(per_layer / m.cost)))
+        )
         for m in mlp
     ]
     return attn_masks, mlp_masks

@@ -9,10 +9,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from compress.adapters import Arch, AttentionLayout, attention_layout, decoder_layers
+from compress.adapters import (
+    Arch,
+    AttentionLayout,
+    attention_layout,
+    decoder_layers,
+    linear_at,
+    linear_shape,
+    model_config,
+)
 from compress.calibration import ChannelStats, LayerStats, calibrate_layerwise
 from compress.prune.allocate import ModuleUnits, allocate, top_units
 from compress.prune.scores import (
@@ -24,6 +31,7 @@ from compress.prune.scores import (
 )
 from compress.prune.surgery import remove_kv_groups, remove_mlp_channels
 from compress.recipe import PruneConfig
+from quant.qlinear import QuantLinear
 
 log = logging.getLogger("secateurs")
 
@@ -46,10 +54,15 @@ def channel_scores(cfg: PruneConfig, weight: Tensor, stats: ChannelStats | None,
 
 
 def _module_units(
-    cfg: PruneConfig, layer: nn.Module, arch: Arch, layout: AttentionLayout, stats: LayerStats | None, hidden: int
+    cfg: PruneConfig,
+    layer: nn.Module,
+    arch: Arch,
+    layout: AttentionLayout,
+    stats: LayerStats | None,
+    hidden: int,
 ) -> tuple[ModuleUnits, ModuleUnits]:
-    o_w = layer.get_submodule(arch.o).weight
-    down_w = layer.get_submodule(arch.down).weight
+    o_w = linear_at(layer, arch.o).weight
+    down_w = linear_at(layer, arch.down).weight
     attn = channel_scores(cfg, o_w, stats[O] if stats else None, attention=True)
     mlp = channel_scores(cfg, down_w, stats[DOWN] if stats else None, attention=False)
     attn_cost = hidden * layout.head_dim * (2 * layout.group + 2)
@@ -57,7 +70,14 @@ def _module_units(
 
 
 def _watch(arch: Arch) -> Any:
-    return lambda _i, layer: {O: layer.get_submodule(arch.o), DOWN: layer.get_submodule(arch.down)}
+    return lambda _i, layer: {O: linear_at(layer, arch.o), DOWN: linear_at(layer, arch.down)}
+
+
+def collect_statistics(
+    model: nn.Module, arch: Arch, calibration_ids: Tensor, batch_size: int = 8, device: str | None = None
+) -> list[LayerStats]:
+    """Dense-model statistics of the o_proj and down_proj inputs of every layer (one layer at a time)."""
+    return calibrate_layerwise(model, arch, calibration_ids, _watch(arch), None, batch_size, device, "statistics")
 
 
 def prune_model(
@@ -67,19 +87,29 @@ def prune_model(
     calibration_ids: Tensor | None,
     batch_size: int = 8,
     device: str | None = None,
+    dense_stats: list[LayerStats] | None = None,
 ) -> dict[str, Any]:
-    """Prune ``model`` in place; return a summary (per-layer kept KV groups and MLP widths) for provenance."""
+    """Prune ``model`` in place; return a summary (per-layer kept KV groups and MLP widths) for provenance.
+
+    ``dense_stats`` (from :func:`collect_statistics` on this same dense model) skips the statistics pass, e.g.
+    when one calibration serves several ratios.
+    """
     layers = decoder_layers(model, arch)
-    config = model.config
+    config = model_config(model)
     hidden = int(config.hidden_size)
     layouts = [attention_layout(config, layer, arch) for layer in layers]
     needs_stats = cfg.method != "magnitude-sp"
-    if needs_stats and calibration_ids is None:
-        raise ValueError(f"{cfg.method} needs calibration data")
     stats: list[LayerStats] | list[None] = [None] * len(layers)
     if needs_stats:
-        stats = calibrate_layerwise(model, arch, calibration_ids, _watch(arch), None, batch_size, device, "statistics")
-    units = [_module_units(cfg, layer, arch, lay, st, hidden) for layer, lay, st in zip(layers, layouts, stats)]
+        if dense_stats is not None:
+            stats = dense_stats
+        elif calibration_ids is None:
+            raise ValueError(f"{cfg.method} needs calibration data")
+        else:
+            stats = collect_statistics(model, arch, calibration_ids, batch_size, device)
+    units = [
+        _module_units(cfg, layer, arch, lay, st, hidden) for layer, lay, st in zip(layers, layouts, stats, strict=True)
+    ]
     attn_keep, mlp_keep = allocate(
         cfg.structure or "AL-AM",
         [a for a, _ in units],
@@ -91,7 +121,7 @@ def prune_model(
     if cfg.statistics == "progressive" and needs_stats:
         _apply_progressive(model, arch, cfg, calibration_ids, layouts, attn_keep, mlp_keep, batch_size, device)
     else:
-        for layer, layout, st, a_keep, m_keep in zip(layers, layouts, stats, attn_keep, mlp_keep):
+        for layer, layout, st, a_keep, m_keep in zip(layers, layouts, stats, attn_keep, mlp_keep, strict=True):
             _apply(layer, arch, cfg, layout, st, a_keep, m_keep)
     return {
         "method": cfg.method,
@@ -127,7 +157,7 @@ def _apply_progressive(
 ) -> None:
     """Widths from the dense allocation; which units, and the compensation means, from statistics of the inputs
     that the already-pruned earlier layers produce (re-calibration layer by layer)."""
-    hidden = int(model.config.hidden_size)
+    hidden = int(model_config(model).hidden_size)
 
     def prune_layer(index: int, layer: nn.Module, stats: LayerStats) -> bool:
         attn_units, mlp_units = _module_units(cfg, layer, arch, layouts[index], stats, hidden)
@@ -141,8 +171,12 @@ def _apply_progressive(
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (tied embeddings counted once); a packed QuantLinear counts its logical weights."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
+    return total
 
 
 def prunable_parameters(model: nn.Module, arch: Arch) -> int:
@@ -150,9 +184,6 @@ def prunable_parameters(model: nn.Module, arch: Arch) -> int:
     total = 0
     for layer in decoder_layers(model, arch):
         for path in arch.linears:
-            total += sum(p.numel() for p in layer.get_submodule(path).parameters())
+            out_features, in_features, has_bias = linear_shape(layer, path)
+            total += out_features * in_features + (out_features if has_bias else 0)
     return total
-
-
-def _unused(_: torch.Tensor) -> None:  # pragma: no cover - keeps torch import for type checkers
-    return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from compress.adapters import Arch, AttentionLayout, set_submodule
+from compress.adapters import Arch, AttentionLayout, linear_at, linear_shape, set_submodule
 
 
 def compensation_bias(weight: Tensor, mean: Tensor, keep: Tensor, bias: Tensor | None) -> Tensor:
@@ -24,7 +24,9 @@ def compensation_bias(weight: Tensor, mean: Tensor, keep: Tensor, bias: Tensor |
     return extra if bias is None else bias.detach().to(torch.float64).cpu() + extra
 
 
-def _sliced_linear(linear: nn.Linear, rows: Tensor | None, cols: Tensor | None, bias: Tensor | None) -> nn.Linear:
+def _sliced_linear(
+    linear: nn.Linear, rows: Tensor | None, cols: Tensor | None, bias: Tensor | None
+) -> nn.Linear:
     """A new Linear holding ``linear.weight[rows][:, cols]`` and ``bias`` (or the sliced old bias)."""
     weight = linear.weight.detach()
     old_bias = linear.bias.detach() if linear.bias is not None else None
@@ -57,11 +59,11 @@ def remove_kv_groups(
         return
     q_rows = head_channels(keep, layout.group, layout.head_dim)
     kv_rows = head_channels(keep, 1, layout.head_dim)
-    o = layer.get_submodule(arch.o)
+    o = linear_at(layer, arch.o)
     bias = compensation_bias(o.weight, mean, q_rows, o.bias) if mean is not None else None
-    set_submodule(layer, arch.q, _sliced_linear(layer.get_submodule(arch.q), q_rows, None, None))
-    set_submodule(layer, arch.k, _sliced_linear(layer.get_submodule(arch.k), kv_rows, None, None))
-    set_submodule(layer, arch.v, _sliced_linear(layer.get_submodule(arch.v), kv_rows, None, None))
+    set_submodule(layer, arch.q, _sliced_linear(linear_at(layer, arch.q), q_rows, None, None))
+    set_submodule(layer, arch.k, _sliced_linear(linear_at(layer, arch.k), kv_rows, None, None))
+    set_submodule(layer, arch.v, _sliced_linear(linear_at(layer, arch.v), kv_rows, None, None))
     set_submodule(layer, arch.o, _sliced_linear(o, None, q_rows, bias))
 
 
@@ -69,10 +71,10 @@ def remove_mlp_channels(layer: nn.Module, arch: Arch, keep: Tensor, mean: Tensor
     """Keep the MLP channels where ``keep`` ([F] bool) is True; compensate down_proj's bias with ``mean`` ([F])."""
     if bool(keep.all()):
         return
-    down = layer.get_submodule(arch.down)
+    down = linear_at(layer, arch.down)
     bias = compensation_bias(down.weight, mean, keep, down.bias) if mean is not None else None
-    set_submodule(layer, arch.gate, _sliced_linear(layer.get_submodule(arch.gate), keep, None, None))
-    set_submodule(layer, arch.up, _sliced_linear(layer.get_submodule(arch.up), keep, None, None))
+    set_submodule(layer, arch.gate, _sliced_linear(linear_at(layer, arch.gate), keep, None, None))
+    set_submodule(layer, arch.up, _sliced_linear(linear_at(layer, arch.up), keep, None, None))
     set_submodule(layer, arch.down, _sliced_linear(down, None, keep, bias))
 
 
@@ -80,6 +82,6 @@ def layer_shapes(layer: nn.Module, arch: Arch) -> dict[str, list[int]]:
     """{linear path: [out_features, in_features, has_bias]} for every prunable linear of one decoder layer."""
     shapes = {}
     for path in arch.linears:
-        linear = layer.get_submodule(path)
-        shapes[path] = [int(linear.out_features), int(linear.in_features), int(linear.bias is not None)]
+        out_features, in_features, has_bias = linear_shape(layer, path)
+        shapes[path] = [out_features, in_features, int(has_bias)]
     return shapes

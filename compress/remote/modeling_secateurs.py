@@ -15,6 +15,11 @@ from __future__ import annotations
 import transformers
 from torch import nn
 
+try:  # packed (quantized) checkpoints need Secateurs' quantizer; importing the package registers it
+    import quant as _secateurs_quant
+except ImportError:  # pruned-only checkpoints load with transformers alone
+    _secateurs_quant = None
+
 BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by the Secateurs checkpoint writer
 
 
@@ -26,13 +31,22 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 def resize_layers(model: nn.Module, layer_shapes: list[dict[str, list[int]]], layers_path: str) -> None:
     """Give each listed linear of layer i the shape ``[out_features, in_features, has_bias]`` recorded for it."""
     layers = model.get_submodule(layers_path)
-    for layer, shapes in zip(layers, layer_shapes):
+    for layer, shapes in zip(layers, layer_shapes, strict=True):  # type: ignore[call-overload]
         for path, (out_features, in_features, has_bias) in shapes.items():
             old = layer.get_submodule(path)
-            if (old.out_features, old.in_features, old.bias is not None) == (out_features, in_features, bool(has_bias)):
+            if (old.out_features, old.in_features, old.bias is not None) == (
+                out_features,
+                in_features,
+                bool(has_bias),
+            ):
                 continue
-            new = nn.Linear(in_features, out_features, bias=bool(has_bias), device=old.weight.device,
-                            dtype=old.weight.dtype)
+            new = nn.Linear(
+                in_features,
+                out_features,
+                bias=bool(has_bias),
+                device=old.weight.device,
+                dtype=old.weight.dtype,
+            )
             _set_submodule(layer, path, new)
 
 
@@ -40,6 +54,12 @@ class SecateursMixin:
     """Resizes the base model's layers after it is built (before weights are loaded)."""
 
     def __init__(self, config, *args, **kwargs):
+        quantization = getattr(config, "quantization_config", None)
+        if quantization is not None and _secateurs_quant is None:
+            raise ImportError(
+                "this checkpoint holds Secateurs packed (quantized) weights: `pip install secateurs` to load it, "
+                "or export it with `export: dequantized`"
+            )
         super().__init__(config, *args, **kwargs)
         resize_layers(self, config.secateurs_layers, config.secateurs_layers_path)
 

@@ -31,7 +31,10 @@ cudaError_t secateurs_dequantize(const int32_t* planes, const uint8_t* type_ids,
                                  int out_dtype, void* dst, cudaStream_t stream);
 
 // y [batch, out] = x [batch, in] @ dequant(planes ...)^T, fp32 accumulation, 1 <= batch <= 8.
-// x and y share `x_dtype` (F16 or BF16). Weights enter the products unrounded (fp32).
+// x and y share `x_dtype` (F16 or BF16). Weights enter the products unrounded (fp32), so y differs from
+// x @ (W rounded to x_dtype)^T by that rounding at most. cudaErrorInvalidConfiguration: the activation tile
+// does not fit the device's shared memory (batch 8 needs ~150 KB); the caller then dequantises + GEMM.
+// Both: type ids must be < n_types (larger ids are masked to 2 bits: wrong values, no bad access).
 cudaError_t secateurs_quant_gemv(const void* x, int64_t batch, const int32_t* planes, const uint8_t* type_ids,
                                  const void* scales, const void* zeros, const float* tables, int n_types,
                                  int bits, int64_t out_features, int64_t in_features, int64_t group_size,

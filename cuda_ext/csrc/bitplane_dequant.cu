@@ -2,6 +2,8 @@
 // CUDA runtime only; the torch binding (binding.cpp) calls these through their extern "C" names.
 #include <stdint.h>
 
+#include <atomic>
+
 #include "bitplane.cuh"
 
 namespace secateurs {
@@ -55,9 +57,14 @@ cudaError_t launch_gemv(const Packed& w, const void* x, bool x_bf16, int nb, voi
   const GemvPlan plan = plan_gemv<BITS, NB>(w.out_f, w.in_f, w.planes, size_t(max_smem));
   if (plan.tile_words == 0) return cudaErrorInvalidConfiguration;  // the binding falls back to dequant + matmul
   auto kernel = gemv_kernel<BITS, NB>;
-  if (plan.smem_bytes > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes));
+  // Above 48 KB a kernel needs its dynamic shared-memory limit raised: once per device, to the maximum, so
+  // that later calls (also those captured in a CUDA graph) make no attribute call.
+  static std::atomic<uint64_t> raised{0};
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (plan.smem_bytes > 48 * 1024 && !(raised.load() & bit)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
     if (err != cudaSuccess) return err;
+    raised.fetch_or(bit);
   }
   kernel<<<plan.blocks, GemvShape<BITS, NB>::kWarps * 32, plan.smem_bytes, stream>>>(
       static_cast<const uint16_t*>(x), x_bf16, nb, w.planes, w.type_ids, w.scales, w.zeros, w.tables, w.n_types,

@@ -23,15 +23,19 @@ def test_layerwise_statistics_equal_full_model_hooks(tiny_model, token_batch):
     handles = []
     for i, layer in enumerate(decoder_layers(tiny_model, arch)):
         for name in (arch.o, arch.down):
+
             def hook(_m, args, key=(i, name)):
                 reference.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
+
             handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
     with torch.no_grad():
         tiny_model(input_ids=token_batch)
     for h in handles:
         h.remove()
     stats = calibrate_layerwise(
-        tiny_model, arch, token_batch,
+        tiny_model,
+        arch,
+        token_batch,
         lambda _i, layer: {arch.o: layer.get_submodule(arch.o), arch.down: layer.get_submodule(arch.down)},
         batch_size=3,  # uneven mini-batches on purpose
     )

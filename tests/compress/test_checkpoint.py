@@ -62,7 +62,9 @@ def test_fresh_process_auto_model_with_remote_code(tokenizer, tmp_path, token_ba
         "print(sum(p.numel() for p in m.parameters()))\n"
     )
     # run outside the repo so that the child cannot import our package from the working directory
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     logits = torch.load(tmp_path / "logits.pt", weights_only=True)
     assert float((logits - expected).abs().max()) <= 1e-5

@@ -21,7 +21,10 @@ def _write(tmp_path, text):
         ("steps:\n  - prune: {ratio: 1.5}\n", "steps.0.prune.ratio"),
         ("steps:\n  - prune: {metric: L2}\n", "steps.0.prune.metric"),
         ("model: /nonexistent/model\n", "does not exist"),
-        ("calibration: {data: /nonexistent/cal.txt}\nsteps:\n  - prune: {ratio: 0.2}\n", "/nonexistent/cal.txt"),
+        (
+            "calibration: {data: /nonexistent/cal.txt}\nsteps:\n  - prune: {ratio: 0.2}\n",
+            "/nonexistent/cal.txt",
+        ),
     ],
 )
 def test_bad_input_exit_code_2(tmp_path, capsys, recipe, needle):
@@ -41,14 +44,24 @@ def test_unsupported_architecture(tmp_path, capsys):
     model_dir = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=512)).save_pretrained(model_dir)
     build_tiny_tokenizer(model_dir)
-    code = main(["run", _write(tmp_path, f"model: {model_dir}\nsteps:\n  - prune: {{ratio: 0.2}}\n"),
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "run",
+            _write(tmp_path, f"model: {model_dir}\nsteps:\n  - prune: {{ratio: 0.2}}\n"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     assert "GPT2LMHeadModel" in capsys.readouterr().err
 
 
 def test_console_script_reports_missing_recipe(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(tmp_path / "nope.yaml")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "compress.cli", "run", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "nope.yaml" in done.stderr

@@ -36,7 +36,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: CUDA 
 def test_nvcc_compiles(source: str, tmp_path: Path) -> None:
     # sm_90 (H100/H200) and sm_80 (A100) in one call; ptxas runs the two in parallel (--threads 2).
     cmd = [
-        NVCC,
+        str(NVCC),
         "-c",
         "-std=c++17",
         "-O3",

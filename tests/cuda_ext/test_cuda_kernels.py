@@ -30,19 +30,22 @@ def ext():
     return module
 
 
+Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]
+
+
 def random_packed(
     bits: int, out_f: int, in_f: int, group_size: int, zeros: bool, seed: int, n_types: int = 4
-):
+) -> Packed:
     """Random codes packed with the reference, random per-group types/scales/zeros and tables, on the GPU."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (out_f, in_f), generator=g).to(torch.uint8)
     n_groups = -(-in_f // group_size)
     type_ids = torch.randint(0, n_types, (out_f, n_groups), generator=g).to(torch.uint8)
     scales = (torch.rand(out_f, n_groups, generator=g) * 0.1 + 1e-3).half()
-    zero_points = (torch.randn(out_f, n_groups, generator=g) * 4).half() if zeros else None
+    zero_points = (torch.randn(out_f, n_groups, generator=g) * 4).half().cuda() if zeros else None
     tables = torch.randn(n_types, 2**bits, generator=g) * 3
-    packed = (reference.pack_bitplanes(codes, bits), type_ids, scales, zero_points, tables)
-    return tuple(None if t is None else t.cuda() for t in packed)
+    planes = reference.pack_bitplanes(codes, bits)
+    return planes.cuda(), type_ids.cuda(), scales.cuda(), zero_points, tables.cuda()
 
 
 @pytest.mark.parametrize("bits", BITS)

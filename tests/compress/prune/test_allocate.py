@@ -35,8 +35,12 @@ def _smollm_like(n_layers: int = 4):
     hidden, d_h, g, n_kv, ffn = 576, 64, 3, 3, 1536
     attn_cost = hidden * d_h * (2 * g + 2)
     g_ = torch.Generator().manual_seed(0)
-    attn = [ModuleUnits(torch.randn(n_kv, generator=g_, dtype=torch.float64), attn_cost) for _ in range(n_layers)]
-    mlp = [ModuleUnits(torch.randn(ffn, generator=g_, dtype=torch.float64), 3 * hidden) for _ in range(n_layers)]
+    attn = [
+        ModuleUnits(torch.randn(n_kv, generator=g_, dtype=torch.float64), attn_cost) for _ in range(n_layers)
+    ]
+    mlp = [
+        ModuleUnits(torch.randn(ffn, generator=g_, dtype=torch.float64), 3 * hidden) for _ in range(n_layers)
+    ]
     return attn, mlp
 
 
@@ -55,7 +59,7 @@ def test_budget_met_within_one_unit(structure, ratio):
     attn, mlp = _smollm_like()
     a_masks, m_masks = allocate(structure, attn, mlp, ratio)
     total = sum(m.cost * m.scores.numel() for m in attn + mlp)
-    kept = sum(int(k.sum()) * m.cost for k, m in zip(a_masks + m_masks, attn + mlp))
+    kept = sum(int(k.sum()) * m.cost for k, m in zip(a_masks + m_masks, attn + mlp, strict=True))
     slack = attn[0].cost if structure == "AL-AM" else 3 * 576 * len(mlp)
     assert (1 - ratio) * total - 1e-6 <= kept + (slack if structure == "UL-MM" else 0)
     assert kept <= (1 - ratio) * total + slack

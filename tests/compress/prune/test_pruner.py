@@ -17,17 +17,25 @@ def test_removed_parameters_follow_the_unit_costs(method, statistics):
     model = build_tiny("llama")
     arch = arch_for(model.config)
     before = prunable_parameters(model, arch)
-    summary = prune_model(model, arch, PruneConfig(method=method, ratio=0.3, statistics=statistics), _ids(), 4)
+    summary = prune_model(
+        model, arch, PruneConfig(method=method, ratio=0.3, statistics=statistics), _ids(), 4
+    )
     hidden, d_h, g = 48, 8, 2
-    expected = sum(k * hidden * d_h * (2 * g + 2) + f * 3 * hidden
-                   for k, f in zip(summary["kv_groups"], summary["intermediate_sizes"]))
+    expected = sum(
+        k * hidden * d_h * (2 * g + 2) + f * 3 * hidden
+        for k, f in zip(summary["kv_groups"], summary["intermediate_sizes"], strict=True)
+    )
     biases = sum(
-        sum(layer.get_submodule(p).bias.numel() for p in (arch.o, arch.down) if layer.get_submodule(p).bias is not None)
+        sum(
+            layer.get_submodule(p).bias.numel()
+            for p in (arch.o, arch.down)
+            if layer.get_submodule(p).bias is not None
+        )
         for layer in decoder_layers(model, arch)
     )
     assert prunable_parameters(model, arch) == expected + biases
     assert 0.2 < 1 - expected / before < 0.4
-    for layer, k in zip(decoder_layers(model, arch), summary["kv_groups"]):
+    for layer, k in zip(decoder_layers(model, arch), summary["kv_groups"], strict=True):
         layout = attention_layout(model.config, layer, arch)
         assert layout.n_kv == k >= 1 and layout.group == 2  # GQA stays valid: g query heads per KV head
         assert layer.get_submodule(arch.q).out_features == k * g * d_h
@@ -55,5 +63,5 @@ def test_pruning_is_deterministic():
     models = [build_tiny("llama") for _ in range(2)]
     for m in models:
         prune_model(m, arch_for(m.config), PruneConfig(ratio=0.3, statistics="progressive"), _ids(), 4)
-    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
         assert torch.equal(a, b)

@@ -23,7 +23,9 @@ def test_ifv_and_wifn_by_hand():
     mean_sq = (x.double() ** 2).mean(0)  # [14/3, 3, 4]
     assert torch.allclose(fluctuation_scores("IFV", w, var, mean_sq), var)
     wifn = fluctuation_scores("WIFN", w, var, mean_sq)
-    expected = torch.tensor([(1 + 3) / 2 * (14 / 3) ** 0.5, (2 + 1) / 2 * 3**0.5, (0 + 1) / 2 * 2.0], dtype=torch.float64)
+    expected = torch.tensor(
+        [(1 + 3) / 2 * (14 / 3) ** 0.5, (2 + 1) / 2 * 3**0.5, (0 + 1) / 2 * 2.0], dtype=torch.float64
+    )
     assert torch.allclose(wifn, expected)
 
 

@@ -71,5 +71,9 @@ def test_mlp_channel_removal_equals_zeroing_down_columns(tiny_model, token_batch
 
 
 def _family(model) -> str:
-    return {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-            "Qwen3ForCausalLM": "qwen3"}[model.config.architectures[0]]
+    return {
+        "LlamaForCausalLM": "llama",
+        "MistralForCausalLM": "mistral",
+        "Qwen2ForCausalLM": "qwen2",
+        "Qwen3ForCausalLM": "qwen3",
+    }[model.config.architectures[0]]
