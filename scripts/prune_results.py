@@ -30,6 +30,10 @@ VARIANTS = [
     ("FLAP (WIFV, UL-MM)", {"method": "flap", "structure": "UL-MM"}),
     ("Wanda-sp (UL-MM)", {"method": "wanda-sp"}),
     ("magnitude-sp (UL-MM)", {"method": "magnitude-sp"}),
+    # ablations (run with --variants 5 6 7 --name pruning-ablation): what the allocation and compensation bring
+    ("FLAP (WIFV, AL-AM) without bias compensation", {"method": "flap", "bias_compensation": False}),
+    ("Wanda-sp (AL-AM, standardised scores)", {"method": "wanda-sp", "structure": "AL-AM"}),
+    ("Wanda-sp (UL-MM) with bias compensation", {"method": "wanda-sp", "bias_compensation": True}),
 ]
 
 
@@ -37,7 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="default")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.5])
-    parser.add_argument("--variants", type=int, nargs="+", default=list(range(len(VARIANTS))))
+    parser.add_argument("--variants", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="indices into VARIANTS")
+    parser.add_argument("--name", default="pruning", help="output file stem")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -74,9 +79,9 @@ def main() -> None:
         "eval_protocol": protocol,
         "rows": rows,
     }
-    (out / "pruning.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "pruning.md").write_text(markdown(record))
-    print((out / "pruning.md").read_text())
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(record))
+    print((out / f"{args.name}.md").read_text())
 
 
 def _row(name: str, ratio: float, model: torch.nn.Module, arch, ppl: float, seconds: float) -> dict:

@@ -65,3 +65,31 @@ def test_console_script_reports_missing_recipe(tmp_path):
     )
     assert done.returncode == 2
     assert "nope.yaml" in done.stderr
+
+
+def test_info_reports_per_layer_shapes_and_parameters(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from compress.adapters import arch_for
+    from compress.checkpoint import write_checkpoint
+    from compress.prune.pruner import count_parameters, prune_model
+    from compress.quantize import quantize_model
+    from compress.recipe import PruneConfig, QuantizeConfig
+    from tests.conftest import build_tiny
+    from tests.tiny_tokenizer import build_tiny_tokenizer
+
+    model = build_tiny("llama")
+    arch = arch_for(model.config)
+    prune_model(model, arch, PruneConfig(ratio=0.4), torch.randint(0, 512, (4, 16)), 2)
+    quantize_model(model, arch, QuantizeConfig(dtypes="bitmod4", group_size=16, modules=r"mlp\."), None)
+    out = write_checkpoint(model, build_tiny_tokenizer(tmp_path / "tok"), arch, tmp_path / "ckpt", {"recipe": {}})
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == count_parameters(model)
+    assert [row["kv_heads"] for row in info["layers"]] == [
+        layer.self_attn.k_proj.out_features // 8 for layer in model.model.layers
+    ]
+    assert info["quantized_linears"] == 6 and 4 + 18 / 16 < info["bits_per_weight"] < 10  # tiny: tables dominate
+    assert info["bytes_on_disk"] == (out / "model.safetensors").stat().st_size
