@@ -64,9 +64,13 @@ def main() -> None:
             name, options = VARIANTS[index]
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            prune_model(model, arch, PruneConfig(ratio=ratio, **options), ids, cal.batch_size, dense_stats=dense_stats)
+            summary = prune_model(
+                model, arch, PruneConfig(ratio=ratio, **options), ids, cal.batch_size, dense_stats=dense_stats
+            )
             seconds = time.perf_counter() - start
             rows.append(_row(name, ratio, model, arch, perplexity(model, tokenizer, ppl_cfg)["perplexity"], seconds))
+            rows[-1]["kv_groups"] = summary["kv_groups"]
+            rows[-1]["intermediate_sizes"] = summary["intermediate_sizes"]
             rows[-1]["prunable_removed"] = 1 - rows[-1]["prunable"] / rows[0]["prunable"]
             print(rows[-1], flush=True)
             del model
@@ -119,6 +123,12 @@ def markdown(record: dict) -> str:
             f"| {row['ratio']:.0%} | {row['method']} | {row['params']:,} | {row['prunable']:,} | "
             f"{removed} | {row['ppl']:.2f} |"
         )
+    lines += ["", "Per-layer structure (KV groups kept of 3 / MLP width kept of 1536, layers 0 → 29):", ""]
+    for row in record["rows"]:
+        if "kv_groups" in row:
+            kv = "".join(str(k) for k in row["kv_groups"])
+            widths = " ".join(str(w) for w in row["intermediate_sizes"])
+            lines.append(f"- {row['ratio']:.0%} {row['method']}: KV `{kv}`; MLP `{widths}`")
     return "\n".join(lines) + "\n"
 
 

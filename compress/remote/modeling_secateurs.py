@@ -16,9 +16,11 @@ import transformers
 from torch import nn
 
 try:  # packed (quantized) checkpoints need Secateurs' quantizer; importing the package registers it
-    import quant as _secateurs_quant
+    import quant  # noqa: F401
+
+    HAVE_SECATEURS_QUANT = True
 except ImportError:  # pruned-only checkpoints load with transformers alone
-    _secateurs_quant = None
+    HAVE_SECATEURS_QUANT = False
 
 BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by the Secateurs checkpoint writer
 
@@ -55,7 +57,7 @@ class SecateursMixin:
 
     def __init__(self, config, *args, **kwargs):
         quantization = getattr(config, "quantization_config", None)
-        if quantization is not None and _secateurs_quant is None:
+        if quantization is not None and not HAVE_SECATEURS_QUANT:
             raise ImportError(
                 "this checkpoint holds Secateurs packed (quantized) weights: `pip install secateurs` to load it, "
                 "or export it with `export: dequantized`"

@@ -93,3 +93,19 @@ def test_info_reports_per_layer_shapes_and_parameters(tmp_path, capsys):
     ]
     assert info["quantized_linears"] == 6 and 4 + 18 / 16 < info["bits_per_weight"] < 10  # tiny: tables dominate
     assert info["bytes_on_disk"] == (out / "model.safetensors").stat().st_size
+
+
+def test_eval_command_runs_perplexity_and_lm_eval(tmp_path, capsys):
+    import json
+
+    from tests.conftest import build_tiny
+    from tests.tiny_tokenizer import build_tiny_tokenizer
+
+    build_tiny("llama").save_pretrained(tmp_path / "m")
+    build_tiny_tokenizer(tmp_path / "m")
+    code = main(["eval", str(tmp_path / "m"), "--tasks", "secateurs_web_mc", "--limit", "3", "--ppl-windows", "2"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["protocol"]["perplexity"]["windows"] == 2
+    assert 0.0 <= result["metrics"]["secateurs_web_mc/acc"] <= 1.0
+    assert result["metrics"]["heldout/perplexity"] > 1.0
