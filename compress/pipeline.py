@@ -18,7 +18,14 @@ from compress.corpus import calibration_batches, corpus_fingerprint, load_docume
 from compress.evaluate import comparison_rows, evaluate_model
 from compress.loading import load_model
 from compress.prune.pruner import count_parameters, prunable_parameters
-from compress.recipe import QuantizeStep, Recipe, apply_overrides, load_recipe_dict, parse_recipe
+from compress.recipe import (
+    EvaluationConfig,
+    QuantizeStep,
+    Recipe,
+    apply_overrides,
+    load_recipe_dict,
+    parse_recipe,
+)
 from compress.report import report_markdown
 from compress.steps import StepContext, apply_step
 
@@ -82,34 +89,11 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     if ev is not None:
         clock = time.perf_counter()
         log.info("evaluating the compressed model")
-        result = evaluate_model(model, tokenizer, ev.perplexity, ev.lm_eval, cfg.seed)
-        dense_metrics = dense_eval["metrics"] if dense_eval else None
-        evaluation = {
-            "compressed": result["metrics"],
-            "dense": dense_metrics,
-            "rows": comparison_rows(dense_metrics, result["metrics"]),
-            "protocol": result["protocol"],
-        }
+        evaluation = evaluate_against(model, tokenizer, ev, dense_eval, cfg.seed)
         timings["evaluate"] = time.perf_counter() - clock
-
-    provenance = {
-        "recipe": cfg.model_dump(mode="json"),
-        "base_model": cfg.model,
-        "seed": cfg.seed,
-        "calibration": {
-            **cfg.calibration.model_dump(mode="json"),
-            "corpus_sha256": corpus_fingerprint(cfg.calibration.data) if calibration is not None else None,
-            "tokens_sha256": _tensor_sha(calibration) if calibration is not None else None,
-        },
-        "steps": summaries,
-        "steps_summary": [s["summary"] for s in summaries],
-        "sizes": sizes,
-        "evaluation": evaluation,
-    }
+    provenance = build_provenance(cfg, calibration, summaries, sizes, evaluation)
     clock = time.perf_counter()
-    probe = (
-        calibration[:2] if calibration is not None else tokenizer("Secateurs", return_tensors="pt").input_ids
-    )
+    probe = calibration[:2] if calibration is not None else tokenizer("Secateurs", return_tensors="pt").input_ids
     report: dict[str, Any] = {**provenance}
 
     def verify(folder: Path) -> dict[str, Any]:
@@ -124,12 +108,48 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     export = exports[-1] if exports else "packed"
     write_checkpoint(model, tokenizer, arch, out_dir, provenance, cfg.output.overwrite, verify, export)
     timings["write"] = time.perf_counter() - clock
-    log.info(
-        "checkpoint written to %s (reload max |Δlogit| = %.2e)", out_dir, report["reload_max_abs_logit_diff"]
-    )
+    log.info("checkpoint written to %s (reload max |Δlogit| = %.2e)", out_dir, report["reload_max_abs_logit_diff"])
     if cfg.output.push_to_hub:
         report["hub_url"] = push_to_hub(out_dir, cfg.output.push_to_hub)
     return RunResult(model, tokenizer, out_dir, report)
+
+
+def evaluate_against(
+    model: nn.Module, tokenizer: Any, ev: EvaluationConfig, dense_eval: dict[str, Any] | None, seed: int
+) -> dict[str, Any]:
+    """Evaluate the compressed model and compare with the dense results (recovery per metric)."""
+    result = evaluate_model(model, tokenizer, ev.perplexity, ev.lm_eval, seed)
+    dense_metrics = dense_eval["metrics"] if dense_eval else None
+    return {
+        "compressed": result["metrics"],
+        "dense": dense_metrics,
+        "rows": comparison_rows(dense_metrics, result["metrics"]),
+        "protocol": result["protocol"],
+    }
+
+
+def build_provenance(
+    cfg: Recipe,
+    calibration: torch.Tensor | None,
+    summaries: list[dict[str, Any]],
+    sizes: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> dict[str, Any]:
+    """What ``secateurs.json`` records: enough to reproduce the run and to judge its result."""
+    return {
+        "recipe": cfg.model_dump(mode="json"),
+        "base_model": cfg.model,
+        "seed": cfg.seed,
+        "calibration": {
+            **cfg.calibration.model_dump(mode="json"),
+            "corpus_sha256": corpus_fingerprint(cfg.calibration.data) if calibration is not None else None,
+            "tokens_sha256": _tensor_sha(calibration) if calibration is not None else None,
+        },
+        "steps": summaries,
+        "steps_summary": [s["summary"] for s in summaries],
+        "sizes": sizes,
+        "evaluation": evaluation,
+    }
 
 
 def check_inputs(cfg: Recipe) -> None:
