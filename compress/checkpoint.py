@@ -94,7 +94,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     modules = quant_linears(model)
     if not modules:
         return None
-    specs = {name: module_spec(m, getattr(m, "dtypes", "unknown")) for name, m in modules.items()}
+    specs = {name: module_spec(m, m.dtypes) for name, m in modules.items()}
     return SecateursQuantConfig(specs).to_dict()
 
 

@@ -40,7 +40,6 @@ def _quantize_layer(
         dtypes, group_size = module_settings(cfg, full)
         weights = stats[path].mean_sq.float() if stats is not None else None
         qlinear = quantize_linear(linear_at(layer, path), dtypes, group_size, cfg.shrink_factors, weights)
-        qlinear.dtypes = dtypes  # type: ignore[assignment]  # recorded in the checkpoint's quantization config
         set_submodule(layer, path, qlinear)
         record[full] = dtypes
 

@@ -27,6 +27,7 @@ class QuantLinear(nn.Module):
     """y = x Ŵᵀ + b with Ŵ dequantised from bit planes by ``torch.ops.secateurs.quant_matmul``."""
 
     weight: torch.Tensor  # the bit planes
+    dtypes: str = "unknown"  # name of the datatype set the codes index (recorded in checkpoints' quantization config)
     type_ids: torch.Tensor
     scales: torch.Tensor
     tables: torch.Tensor

@@ -30,4 +30,6 @@ def quantize_linear(
     qw = choose_group_datatypes(
         linear.weight.detach(), dtset_name, group_size, shrink_factors, channel_weights
     )
-    return QuantLinear.from_quantized(qw, linear.bias)
+    qlinear = QuantLinear.from_quantized(qw, linear.bias)
+    qlinear.dtypes = dtset_name
+    return qlinear
