@@ -74,8 +74,9 @@ def lm_eval_tasks(model: nn.Module, tokenizer: Any, cfg: LmEvalConfig, seed: int
     metrics: dict[str, float] = {}
     for task, values in (out or {}).get("results", {}).items():
         for key, value in values.items():
-            if isinstance(value, int | float) and "stderr" not in key and key != "alias":
-                metrics[f"{task}/{key.split(',')[0]}"] = float(value)
+            name = key.split(",")[0]
+            if isinstance(value, int | float) and "stderr" not in name and name not in ("alias", "sample_len"):
+                metrics[f"{task}/{name}"] = float(value)
     return {
         "metrics": metrics,
         "protocol": {
