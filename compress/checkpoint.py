@@ -60,13 +60,17 @@ def model_layer_shapes(model: nn.Module, arch: Arch) -> list[dict[str, list[int]
     return [layer_shapes(layer, arch) for layer in decoder_layers(model, arch)]
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (any dtype, bf16 included)."""
+    return hashlib.sha256(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def tensor_hashes(path: Path) -> dict[str, str]:
     """sha256 of every tensor's raw bytes in a safetensors file (name → hex digest)."""
     hashes = {}
     with safe_open(str(path), framework="pt") as f:
         for name in sorted(f.keys()):
-            tensor = f.get_tensor(name).contiguous()
-            hashes[name] = hashlib.sha256(tensor.view(torch.uint8).numpy().tobytes()).hexdigest()
+            hashes[name] = tensor_sha256(f.get_tensor(name))
     return hashes
 
 
@@ -101,9 +105,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
     """Fail early (before any work) when the output exists and may not be replaced."""
     if out_dir.exists() and not overwrite:
-        raise InputError(
-            f"output directory {str(out_dir)!r} already exists (set output.overwrite: true or --out)"
-        )
+        raise InputError(f"output directory {str(out_dir)!r} already exists (set output.overwrite: true or --out)")
 
 
 def write_checkpoint(
@@ -214,9 +216,7 @@ def _evaluation_table(evaluation: dict[str, Any]) -> list[str]:
         return ["(no evaluation recorded)"]
     out = ["| metric | dense | compressed | recovery |", "|---|---|---|---|"]
     for row in rows:
-        out.append(
-            f"| {row['metric']} | {row.get('dense', '')} | {row['compressed']} | {row.get('recovery', '')} |"
-        )
+        out.append(f"| {row['metric']} | {row.get('dense', '')} | {row['compressed']} | {row.get('recovery', '')} |")
     protocol = evaluation.get("protocol")
     if protocol:
         out += ["", f"Protocol: `{json.dumps(protocol, sort_keys=True)}`"]
@@ -232,7 +232,5 @@ def push_to_hub(folder: Path, repo_id: str) -> str:
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id)
     except Exception as err:  # huggingface_hub raises many types for network/auth failures
-        raise InputError(
-            f"output.push_to_hub {repo_id!r}: upload failed (offline or not logged in?): {err}"
-        ) from err
+        raise InputError(f"output.push_to_hub {repo_id!r}: upload failed (offline or not logged in?): {err}") from err
     return f"https://huggingface.co/{repo_id}"

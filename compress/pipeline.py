@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compress.adapters import arch_for
-from compress.checkpoint import load_checkpoint_model, prepare_output, push_to_hub, write_checkpoint
+from compress.checkpoint import load_checkpoint_model, prepare_output, push_to_hub, tensor_sha256, write_checkpoint
 from compress.corpus import calibration_batches, corpus_fingerprint, load_documents
 from compress.evaluate import comparison_rows, evaluate_model
 from compress.loading import load_model
@@ -143,7 +143,7 @@ def build_provenance(
         "calibration": {
             **cfg.calibration.model_dump(mode="json"),
             "corpus_sha256": corpus_fingerprint(cfg.calibration.data) if calibration is not None else None,
-            "tokens_sha256": _tensor_sha(calibration) if calibration is not None else None,
+            "tokens_sha256": tensor_sha256(calibration) if calibration is not None else None,
         },
         "steps": summaries,
         "steps_summary": [s["summary"] for s in summaries],
@@ -169,9 +169,3 @@ def reload_logit_difference(model: nn.Module, folder: Path, input_ids: torch.Ten
     a = model(input_ids=input_ids.to(device), use_cache=False).logits
     b = reloaded(input_ids=input_ids.to(device), use_cache=False).logits
     return float((a - b).abs().max())
-
-
-def _tensor_sha(tensor: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
