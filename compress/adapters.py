@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from compress.remote.modeling_secateurs import SkippedSubBlock
 from quant.errors import InputError
 
 
@@ -56,6 +57,18 @@ class Arch:
     def linears(self) -> tuple[str, ...]:
         return self.attn_linears + self.mlp_linears
 
+    def sub_block(self, name: str) -> tuple[str, str]:
+        """(block path, pre-norm path) of sub-block ``name`` ("attn" or "mlp") inside a decoder layer."""
+        return (self.attn, self.attn_norm) if name == "attn" else (self.mlp, self.mlp_norm)
+
+    @property
+    def sub_blocks(self) -> dict[str, list[str]]:
+        """What checkpoints record so that the remote loader can rebuild skipped sub-blocks."""
+        return {name: list(self.sub_block(name)) for name in SUB_BLOCKS}
+
+
+SUB_BLOCKS = ("attn", "mlp")
+
 
 @dataclass(frozen=True)
 class AttentionLayout:
@@ -99,14 +112,30 @@ def decoder_layers(model: nn.Module, arch: Arch) -> nn.ModuleList:
     return layers
 
 
+def is_skipped(layer: nn.Module, arch: Arch, name: str) -> bool:
+    """Whether sub-block ``name`` ("attn" or "mlp") of ``layer`` was removed (depth pruning)."""
+    return isinstance(layer.get_submodule(arch.sub_block(name)[0]), SkippedSubBlock)
+
+
+def skipped_sub_blocks(layer: nn.Module, arch: Arch) -> list[str]:
+    return [name for name in SUB_BLOCKS if is_skipped(layer, arch, name)]
+
+
+def present_linears(layer: nn.Module, arch: Arch) -> tuple[str, ...]:
+    """Paths of the linears that ``layer`` still has (none of a skipped sub-block)."""
+    attn = () if is_skipped(layer, arch, "attn") else arch.attn_linears
+    mlp = () if is_skipped(layer, arch, "mlp") else arch.mlp_linears
+    return attn + mlp
+
+
 def attention_layout(config: object, layer: nn.Module, arch: Arch) -> AttentionLayout:
-    """Read the (possibly pruned) GQA layout of ``layer`` from its weight shapes.
+    """Read the (possibly pruned) GQA layout of ``layer`` from its weight shapes (``n_kv`` = 0 when skipped).
 
     Pruning keeps ``g`` query heads per KV head, so ``g`` comes from the base config and the counts from shapes.
     """
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)  # type: ignore[attr-defined]
     group = int(config.num_attention_heads // config.num_key_value_heads)  # type: ignore[attr-defined]
-    n_kv = linear_shape(layer, arch.k)[0] // head_dim
+    n_kv = 0 if is_skipped(layer, arch, "attn") else linear_shape(layer, arch.k)[0] // head_dim
     return AttentionLayout(n_kv=n_kv, group=group, head_dim=head_dim)
 
 

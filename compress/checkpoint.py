@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from compress.adapters import Arch, decoder_layers, model_config
+from compress.adapters import Arch, decoder_layers, model_config, skipped_sub_blocks
 from compress.prune.surgery import layer_shapes
 from compress.quantize import dequantize_model, quant_linears
 from quant.errors import InputError
@@ -60,6 +60,11 @@ def model_layer_shapes(model: nn.Module, arch: Arch) -> list[dict[str, list[int]
     return [layer_shapes(layer, arch) for layer in decoder_layers(model, arch)]
 
 
+def model_skipped(model: nn.Module, arch: Arch) -> list[list[str]]:
+    """Per layer, the names of its removed sub-blocks ("attn", "mlp")."""
+    return [skipped_sub_blocks(layer, arch) for layer in decoder_layers(model, arch)]
+
+
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes (any dtype, bf16 included)."""
     return hashlib.sha256(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
@@ -79,6 +84,7 @@ def _patch_config(
     arch: Arch,
     base_architecture: str,
     shapes: list[dict[str, list[int]]],
+    skipped: list[list[str]],
     quantization: dict[str, Any] | None,
 ) -> None:
     path = folder / "config.json"
@@ -89,6 +95,8 @@ def _patch_config(
     config["architectures"] = [base_architecture]
     config["secateurs_layers"] = shapes
     config["secateurs_layers_path"] = arch.layers
+    config["secateurs_skipped"] = skipped
+    config["secateurs_sub_blocks"] = arch.sub_blocks
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_secateurs.SecateursForCausalLM"}
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -134,7 +142,14 @@ def write_checkpoint(
             dequantize_model(model)
         model.save_pretrained(tmp)  # type: ignore[operator]
         tokenizer.save_pretrained(tmp)
-        _patch_config(tmp, arch, base_architecture, model_layer_shapes(model, arch), quantization_config(model))
+        _patch_config(
+            tmp,
+            arch,
+            base_architecture,
+            model_layer_shapes(model, arch),
+            model_skipped(model, arch),
+            quantization_config(model),
+        )
         (tmp / REMOTE_FILE).write_text(remote_code_source(base_architecture))
         weights = sorted(tmp.glob("*.safetensors"))
         record = dict(provenance)

@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="per-layer shapes, parameters and bytes of a model")
     info.add_argument("model")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("search", help="multi-objective search over recipes (secateurs search -h for its options)")
     return parser
 
 
@@ -91,6 +92,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["search"]:  # the search driver has its own parser; imported lazily (it needs optuna)
+        from search.cli import main as search_main
+
+        return search_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="secateurs: %(message)s"

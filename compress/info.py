@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from compress.adapters import arch_for, attention_layout, decoder_layers, linear_shape, model_config
+from compress.adapters import arch_for, attention_layout, decoder_layers, is_skipped, linear_shape, model_config
 from compress.prune.pruner import count_parameters, prunable_parameters
 from compress.quantize import quant_linears, weight_storage
 
@@ -18,14 +18,15 @@ def describe(model: nn.Module, folder: Path | None = None) -> dict[str, Any]:
     layers = []
     for index, layer in enumerate(decoder_layers(model, arch)):
         layout = attention_layout(model_config(model), layer, arch)
+        attn, mlp = is_skipped(layer, arch, "attn"), is_skipped(layer, arch, "mlp")
         layers.append(
             {
                 "layer": index,
                 "q_heads": layout.n_q,
                 "kv_heads": layout.n_kv,
-                "intermediate": linear_shape(layer, arch.down)[1],
-                "o_bias": linear_shape(layer, arch.o)[2],
-                "down_bias": linear_shape(layer, arch.down)[2],
+                "intermediate": 0 if mlp else linear_shape(layer, arch.down)[1],
+                "o_bias": None if attn else linear_shape(layer, arch.o)[2],
+                "down_bias": None if mlp else linear_shape(layer, arch.down)[2],
                 "params": count_parameters(layer),
             }
         )
@@ -60,6 +61,11 @@ def format_description(d: dict[str, Any]) -> str:
     for row in d["layers"]:
         lines.append(
             f"{row['layer']:5d}  {row['q_heads']:7d}  {row['kv_heads']:8d}  {row['intermediate']:12d}  "
-            f"{row['o_bias']!s:6}  {row['down_bias']!s:9}  {row['params']:10,d}"
+            f"{_flag(row['o_bias']):6}  {_flag(row['down_bias']):9}  {row['params']:10,d}"
         )
     return "\n".join(lines)
+
+
+def _flag(value: bool | None) -> str:
+    """A bias flag, or "skipped" for a removed sub-block."""
+    return "skipped" if value is None else str(value)

@@ -78,7 +78,9 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     if cfg.steps:
         cal = cfg.calibration
         calibration = calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, cfg.seed)
-    ctx = StepContext(model, tokenizer, arch, calibration, cfg.calibration.batch_size, cfg.device)
+    ctx = StepContext(
+        model, tokenizer, arch, calibration, cfg.calibration.batch_size, cfg.device, cfg.seed, cfg.calibration.data
+    )
     summaries = [apply_step(step, ctx) for step in cfg.steps]
     timings["compress"] = time.perf_counter() - clock
     sizes["params_after"] = count_parameters(model)

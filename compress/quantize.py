@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from compress.adapters import Arch, decoder_layers, linear_at, set_submodule
+from compress.adapters import Arch, decoder_layers, linear_at, present_linears, set_submodule
 from compress.calibration import LayerStats, calibrate_layerwise
 from compress.recipe import QuantizeConfig
 from quant.qlinear import QuantLinear
@@ -27,15 +27,15 @@ def module_settings(cfg: QuantizeConfig, full_name: str) -> tuple[str, int | Non
     return cfg.dtypes, cfg.group_size
 
 
-def target_paths(cfg: QuantizeConfig, arch: Arch) -> list[str]:
-    """Paths (inside a decoder layer) of the linears to quantize."""
-    return [path for path in arch.linears if re.search(cfg.modules, path)]
+def target_paths(cfg: QuantizeConfig, arch: Arch, layer: nn.Module) -> list[str]:
+    """Paths (inside ``layer``) of the linears to quantize (a skipped sub-block has none)."""
+    return [path for path in present_linears(layer, arch) if re.search(cfg.modules, path)]
 
 
 def _quantize_layer(
     layer: nn.Module, index: int, arch: Arch, cfg: QuantizeConfig, stats: LayerStats | None, record: dict[str, Any]
 ) -> None:
-    for path in target_paths(cfg, arch):
+    for path in target_paths(cfg, arch, layer):
         full = f"{arch.layers}.{index}.{path}"
         dtypes, group_size = module_settings(cfg, full)
         weights = stats[path].mean_sq.float() if stats is not None else None
@@ -63,7 +63,7 @@ def quantize_model(
         raise ValueError("activation-aware quantization needs calibration data")
 
     def watch(_index: int, layer: nn.Module) -> dict[str, nn.Linear]:
-        return {path: linear_at(layer, path) for path in target_paths(cfg, arch)}
+        return {path: linear_at(layer, path) for path in target_paths(cfg, arch, layer)}
 
     def quantize_after(index: int, layer: nn.Module, stats: LayerStats) -> bool:
         _quantize_layer(layer, index, arch, cfg, stats, record)

@@ -41,6 +41,22 @@ class PruneConfig(Strict):
     bias_compensation: bool | None = None
     square_attention_scores: bool = True
     min_units: int = Field(1, ge=1)
+    attn_keep: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
+        None, description="explicit per-layer fraction of KV groups kept (0 = attention sub-block removed)"
+    )
+    mlp_keep: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
+        None, description="explicit per-layer fraction of MLP channels kept (0 = MLP sub-block removed)"
+    )
+    mlp_step: int = Field(32, ge=1, description="explicit MLP widths are snapped to multiples of this")
+
+    @model_validator(mode="after")
+    def _explicit_widths(self) -> PruneConfig:
+        """Explicit widths replace the allocation (``ratio`` and ``structure`` are then unused)."""
+        if (self.attn_keep is None) != (self.mlp_keep is None):
+            raise ValueError("attn_keep and mlp_keep must be given together (one fraction per decoder layer)")
+        if self.attn_keep is not None and self.mlp_keep is not None and len(self.attn_keep) != len(self.mlp_keep):
+            raise ValueError(f"attn_keep has {len(self.attn_keep)} entries but mlp_keep {len(self.mlp_keep)}")
+        return self
 
     @model_validator(mode="after")
     def _method_defaults(self) -> PruneConfig:
@@ -55,6 +71,32 @@ class PruneConfig(Strict):
 
 class PruneStep(Strict):
     prune: PruneConfig
+
+
+class NasConfig(Strict):
+    """TraceNAS-style search over per-layer widths and sub-block removal, maximising the gradient-trace proxy Φ
+    inside a parameter window; the winner is applied like a prune step with explicit widths (FLAP scores, bias
+    compensation). Training-free: nothing is fine-tuned afterwards."""
+
+    params_ratio: float = Field(0.8, gt=0.0, le=1.0, description="kept fraction of prunable decoder parameters")
+    tolerance: float = Field(0.01, gt=0.0, lt=0.5)
+    proxy: Literal["phi", "phi_norm"] = "phi"
+    proxy_samples: int = Field(4, ge=1)
+    proxy_seq_len: int = Field(128, ge=8)
+    population: int = Field(12, ge=2)
+    generations: int = Field(6, ge=1)
+    elites: int = Field(3, ge=1)
+    p_crossover: float = Field(0.7, ge=0.0, le=1.0)
+    p_mutation: float = Field(0.2, ge=0.0, le=1.0)
+    mlp_step: int = Field(32, ge=1)
+    allow_skip: bool = True
+    skip_from: int | None = Field(None, ge=1, description="first layer whose sub-blocks may be removed (default: half)")
+    bias_compensation: bool = True
+    seed_with_flap: bool = True
+
+
+class NasStep(Strict):
+    nas: NasConfig
 
 
 def _known_dtypes(name: str | None) -> str | None:
@@ -102,13 +144,16 @@ class QuantizeStep(Strict):
 def _step_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         return next(iter(value), None) if len(value) == 1 else None
-    return "prune" if isinstance(value, PruneStep) else "quantize" if isinstance(value, QuantizeStep) else None
+    kinds: dict[type, str] = {PruneStep: "prune", QuantizeStep: "quantize", NasStep: "nas"}
+    return kinds.get(type(value))
 
 
-# each step is a one-key mapping, {"prune": {...}} or {"quantize": {...}}, dispatched on that key
+# each step is a one-key mapping, {"prune": {...}}, {"nas": {...}} or {"quantize": {...}}, dispatched on that key
 Step = Annotated[
-    Annotated[PruneStep, Tag("prune")] | Annotated[QuantizeStep, Tag("quantize")],
-    Discriminator(_step_kind, custom_error_type="step", custom_error_message="expected one key: prune or quantize"),
+    Annotated[PruneStep, Tag("prune")] | Annotated[NasStep, Tag("nas")] | Annotated[QuantizeStep, Tag("quantize")],
+    Discriminator(
+        _step_kind, custom_error_type="step", custom_error_message="expected one key: prune, nas or quantize"
+    ),
 ]
 
 
@@ -159,7 +204,7 @@ class Recipe(Strict):
             if isinstance(step, QuantizeStep):
                 quantized = True
             elif quantized:
-                raise ValueError(f"steps.{index}: prune steps must come before quantize steps")
+                raise ValueError(f"steps.{index}: prune and nas steps must come before quantize steps")
         return self
 
 

@@ -8,9 +8,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from compress.adapters import Arch
+from compress.nas.step import run_nas
 from compress.prune.pruner import prune_model
 from compress.quantize import quantize_model, weight_storage
-from compress.recipe import PruneStep, QuantizeStep, Step
+from compress.recipe import NasStep, PruneStep, QuantizeStep, Step
 
 
 @dataclass
@@ -21,6 +22,8 @@ class StepContext:
     calibration: Tensor | None  # [n_samples, seq_len] token ids, drawn once per run
     batch_size: int
     device: str | None
+    seed: int = 0
+    calibration_data: str = "web:calibration"
 
 
 def apply_step(step: Step, ctx: StepContext) -> dict[str, Any]:
@@ -30,6 +33,19 @@ def apply_step(step: Step, ctx: StepContext) -> dict[str, Any]:
         record = prune_model(ctx.model, ctx.arch, cfg, ctx.calibration, ctx.batch_size, ctx.device)
         record["config"] = cfg.model_dump(mode="json")
         record["summary"] = f"{cfg.method} {cfg.structure} ratio={cfg.ratio}"
+        return record
+    if isinstance(step, NasStep):
+        record = run_nas(
+            ctx.model,
+            ctx.tokenizer,
+            ctx.arch,
+            step.nas,
+            ctx.calibration,
+            ctx.batch_size,
+            ctx.seed,
+            ctx.calibration_data,
+        )
+        record["config"] = step.nas.model_dump(mode="json")
         return record
     if isinstance(step, QuantizeStep):
         qcfg = step.quantize

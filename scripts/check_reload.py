@@ -48,7 +48,8 @@ def main() -> None:
     loaded = load_model(cfg.model)
     cal = cfg.calibration
     ids = calibration_batches(loaded.tokenizer, cal.data, cal.samples, cal.seq_len, cfg.seed)
-    ctx = StepContext(loaded.model, loaded.tokenizer, arch_for(loaded.model.config), ids, cal.batch_size, None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ctx = StepContext(model, tokenizer, arch_for(model.config), ids, cal.batch_size, None, cfg.seed, cal.data)
     for step in cfg.steps:
         apply_step(step, ctx)
     saved = torch.load(dump, weights_only=True)

@@ -12,13 +12,16 @@ from typing import Any
 from torch import Tensor, nn
 
 from compress.adapters import (
+    SUB_BLOCKS,
     Arch,
     AttentionLayout,
     attention_layout,
     decoder_layers,
+    is_skipped,
     linear_at,
     linear_shape,
     model_config,
+    present_linears,
 )
 from compress.calibration import ChannelStats, LayerStats, calibrate_layerwise
 from compress.prune.allocate import ModuleUnits, allocate, top_units
@@ -31,6 +34,7 @@ from compress.prune.scores import (
 )
 from compress.prune.surgery import remove_kv_groups, remove_mlp_channels
 from compress.recipe import PruneConfig
+from quant.errors import InputError
 from quant.qlinear import QuantLinear
 
 log = logging.getLogger("secateurs")
@@ -70,7 +74,13 @@ def _module_units(
 
 
 def _watch(arch: Arch) -> Any:
-    return lambda _i, layer: {O: linear_at(layer, arch.o), DOWN: linear_at(layer, arch.down)}
+    """The output linears (o_proj, down_proj) whose inputs give the scores; none of a skipped sub-block."""
+
+    def watch(_index: int, layer: nn.Module) -> dict[str, nn.Linear]:
+        present = present_linears(layer, arch)
+        return {key: linear_at(layer, path) for key, path in ((O, arch.o), (DOWN, arch.down)) if path in present}
+
+    return watch
 
 
 def collect_statistics(
@@ -78,6 +88,76 @@ def collect_statistics(
 ) -> list[LayerStats]:
     """Dense-model statistics of the o_proj and down_proj inputs of every layer (one layer at a time)."""
     return calibrate_layerwise(model, arch, calibration_ids, _watch(arch), None, batch_size, device, "statistics")
+
+
+def explicit_widths(
+    attn_keep: list[float], mlp_keep: list[float], n_kv: list[int], widths: list[int], mlp_step: int
+) -> tuple[list[int], list[int]]:
+    """Per-layer kept unit counts from keep fractions: round(f·G) whole KV groups; f·F channels rounded to a
+    multiple of ``mlp_step`` (F itself when f = 1). A fraction > 0 keeps at least one unit (one step)."""
+    groups = [0 if f == 0 else max(1, round(f * g)) for f, g in zip(attn_keep, n_kv, strict=True)]
+    channels = []
+    for f, width in zip(mlp_keep, widths, strict=True):
+        if f >= 1.0:
+            channels.append(width)
+        elif f == 0:
+            channels.append(0)
+        else:
+            channels.append(min(width, max(mlp_step, mlp_step * round(f * width / mlp_step))))
+    return groups, channels
+
+
+def module_units(
+    model: nn.Module, arch: Arch, cfg: PruneConfig, stats: list[LayerStats] | list[None]
+) -> list[tuple[ModuleUnits, ModuleUnits]]:
+    """Per layer: (attention KV-group units, MLP channel units) with standardised scores of ``cfg.method``."""
+    config = model_config(model)
+    hidden = int(config.hidden_size)
+    return [
+        _module_units(cfg, layer, arch, attention_layout(config, layer, arch), st, hidden)
+        for layer, st in zip(decoder_layers(model, arch), stats, strict=True)
+    ]
+
+
+def plan_masks(
+    model: nn.Module,
+    arch: Arch,
+    cfg: PruneConfig,
+    stats: list[LayerStats] | list[None],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Keep-masks (per layer: [n_kv] bool for attention, [F] bool for the MLP) from the method's scores and either
+    the allocation of ``cfg.structure`` or the explicit per-layer fractions ``cfg.attn_keep`` / ``cfg.mlp_keep``."""
+    layers = decoder_layers(model, arch)
+    units = module_units(model, arch, cfg, stats)
+    if cfg.attn_keep is None or cfg.mlp_keep is None:
+        return allocate(
+            cfg.structure or "AL-AM",
+            [a for a, _ in units],
+            [m for _, m in units],
+            cfg.ratio,
+            cfg.attn_ratio,
+            cfg.min_units,
+        )
+    if len(cfg.attn_keep) != len(layers):
+        raise InputError(
+            f"prune.attn_keep / mlp_keep: expected {len(layers)} entries (one per decoder layer), "
+            f"got {len(cfg.attn_keep)}"
+        )
+    if cfg.attn_keep[0] == 0:
+        raise InputError(
+            "prune.attn_keep.0: the first layer's attention cannot be removed (the KV cache's length "
+            "is read from layer 0)"
+        )
+    groups, channels = explicit_widths(
+        cfg.attn_keep,
+        cfg.mlp_keep,
+        [a.scores.numel() for a, _ in units],
+        [m.scores.numel() for _, m in units],
+        cfg.mlp_step,
+    )
+    attn = [top_units(a.scores, k) for (a, _), k in zip(units, groups, strict=True)]
+    mlp = [top_units(m.scores, k) for (_, m), k in zip(units, channels, strict=True)]
+    return attn, mlp
 
 
 def prune_model(
@@ -92,12 +172,12 @@ def prune_model(
     """Prune ``model`` in place; return a summary (per-layer kept KV groups and MLP widths) for provenance.
 
     ``dense_stats`` (from :func:`collect_statistics` on this same dense model) skips the statistics pass, e.g.
-    when one calibration serves several ratios.
+    when one calibration serves several ratios or many search candidates.
     """
     layers = decoder_layers(model, arch)
-    config = model_config(model)
-    hidden = int(config.hidden_size)
-    layouts = [attention_layout(config, layer, arch) for layer in layers]
+    layouts = [attention_layout(model_config(model), layer, arch) for layer in layers]
+    if any(is_skipped(layer, arch, name) for layer in layers for name in SUB_BLOCKS):
+        raise InputError("prune: the model already has removed sub-blocks; prune it in a single prune/nas step")
     needs_stats = cfg.method != "magnitude-sp"
     stats: list[LayerStats] | list[None] = [None] * len(layers)
     if needs_stats:
@@ -107,27 +187,35 @@ def prune_model(
             raise ValueError(f"{cfg.method} needs calibration data")
         else:
             stats = collect_statistics(model, arch, calibration_ids, batch_size, device)
-    units = [
-        _module_units(cfg, layer, arch, lay, st, hidden) for layer, lay, st in zip(layers, layouts, stats, strict=True)
-    ]
-    attn_keep, mlp_keep = allocate(
-        cfg.structure or "AL-AM",
-        [a for a, _ in units],
-        [m for _, m in units],
-        cfg.ratio,
-        cfg.attn_ratio,
-        cfg.min_units,
-    )
+    attn_keep, mlp_keep = plan_masks(model, arch, cfg, stats)
     if cfg.statistics == "progressive" and needs_stats:
         _apply_progressive(model, arch, cfg, calibration_ids, layouts, attn_keep, mlp_keep, batch_size, device)
     else:
-        for layer, layout, st, a_keep, m_keep in zip(layers, layouts, stats, attn_keep, mlp_keep, strict=True):
-            _apply(layer, arch, cfg, layout, st, a_keep, m_keep)
+        apply_masks(model, arch, cfg, stats, attn_keep, mlp_keep)
     return {
         "method": cfg.method,
         "kv_groups": [int(k.sum()) for k in attn_keep],
         "intermediate_sizes": [int(k.sum()) for k in mlp_keep],
+        "skipped": [
+            [n for n, k in (("attn", a), ("mlp", m)) if not bool(k.any())]
+            for a, m in zip(attn_keep, mlp_keep, strict=True)
+        ],
     }
+
+
+def apply_masks(
+    model: nn.Module,
+    arch: Arch,
+    cfg: PruneConfig,
+    stats: list[LayerStats] | list[None],
+    attn_keep: list[Tensor],
+    mlp_keep: list[Tensor],
+) -> None:
+    """Surgery on every layer with the given keep-masks (and dense-statistics compensation when configured)."""
+    layers = decoder_layers(model, arch)
+    config = model_config(model)
+    for layer, st, a_keep, m_keep in zip(layers, stats, attn_keep, mlp_keep, strict=True):
+        _apply(layer, arch, cfg, attention_layout(config, layer, arch), st, a_keep, m_keep)
 
 
 def _apply(
@@ -180,10 +268,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def prunable_parameters(model: nn.Module, arch: Arch) -> int:
-    """Weights (and biases) of the attention and MLP linears of all decoder layers."""
+    """Weights (and biases) of the attention and MLP linears of all decoder layers (+ constants of skipped
+    sub-blocks are not counted: they are [hidden] vectors outside any linear)."""
     total = 0
     for layer in decoder_layers(model, arch):
-        for path in arch.linears:
+        for path in present_linears(layer, arch):
             out_features, in_features, has_bias = linear_shape(layer, path)
             total += out_features * in_features + (out_features if has_bias else 0)
     return total

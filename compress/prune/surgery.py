@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from compress.adapters import Arch, AttentionLayout, linear_at, linear_shape, set_submodule
+from compress.adapters import Arch, AttentionLayout, linear_at, linear_shape, present_linears, set_submodule
+from compress.remote.modeling_secateurs import SkippedSubBlock, skip_sub_block
 
 
 def compensation_bias(weight: Tensor, mean: Tensor, keep: Tensor, bias: Tensor | None) -> Tensor:
@@ -54,8 +55,12 @@ def remove_kv_groups(
     layer: nn.Module, arch: Arch, layout: AttentionLayout, keep: Tensor, mean: Tensor | None = None
 ) -> None:
     """Keep the KV groups where ``keep`` ([n_kv] bool) is True; compensate o_proj's bias with ``mean`` ([H·d_h])
-    when given. GQA stays valid: each kept KV head keeps its g query heads, so num_key_value_groups is unchanged."""
+    when given. GQA stays valid: each kept KV head keeps its g query heads, so num_key_value_groups is unchanged.
+    Keeping no group removes the attention sub-block (:func:`skip_block`)."""
     if bool(keep.all()):
+        return
+    if not bool(keep.any()):
+        skip_block(layer, arch, "attn", mean)
         return
     q_rows = head_channels(keep, layout.group, layout.head_dim)
     kv_rows = head_channels(keep, 1, layout.head_dim)
@@ -68,8 +73,12 @@ def remove_kv_groups(
 
 
 def remove_mlp_channels(layer: nn.Module, arch: Arch, keep: Tensor, mean: Tensor | None = None) -> None:
-    """Keep the MLP channels where ``keep`` ([F] bool) is True; compensate down_proj's bias with ``mean`` ([F])."""
+    """Keep the MLP channels where ``keep`` ([F] bool) is True; compensate down_proj's bias with ``mean`` ([F]).
+    Keeping no channel removes the MLP sub-block (:func:`skip_block`)."""
     if bool(keep.all()):
+        return
+    if not bool(keep.any()):
+        skip_block(layer, arch, "mlp", mean)
         return
     down = linear_at(layer, arch.down)
     bias = compensation_bias(down.weight, mean, keep, down.bias) if mean is not None else None
@@ -78,10 +87,31 @@ def remove_mlp_channels(layer: nn.Module, arch: Arch, keep: Tensor, mean: Tensor
     set_submodule(layer, arch.down, _sliced_linear(down, None, keep, bias))
 
 
+def skip_block(layer: nn.Module, arch: Arch, name: str, mean: Tensor | None = None) -> None:
+    """Remove sub-block ``name`` ("attn" / "mlp") of ``layer``: its residual branch becomes a constant.
+
+    With ``mean`` (the mean input [C] of its output linear, o_proj or down_proj) the constant is the block's mean
+    output W·x̄ + b, FLAP's compensation with every unit removed (eq. 9 with P = all channels); else zero.
+    """
+    out_path = arch.o if name == "attn" else arch.down
+    out_linear = linear_at(layer, out_path)
+    hidden = out_linear.out_features
+    constant = None
+    if mean is not None:
+        constant = compensation_bias(out_linear.weight, mean, torch.zeros_like(mean, dtype=torch.bool), out_linear.bias)
+    block_path, norm_path = arch.sub_block(name)
+    skip_sub_block(layer, block_path, norm_path, hidden, attention=name == "attn")
+    block = layer.get_submodule(block_path)
+    assert isinstance(block, SkippedSubBlock)
+    if constant is not None:
+        with torch.no_grad():
+            block.bias.copy_(constant.to(block.bias.dtype))
+
+
 def layer_shapes(layer: nn.Module, arch: Arch) -> dict[str, list[int]]:
-    """{linear path: [out_features, in_features, has_bias]} for every prunable linear of one decoder layer."""
+    """{linear path: [out_features, in_features, has_bias]} for every linear a decoder layer still has."""
     shapes = {}
-    for path in arch.linears:
+    for path in present_linears(layer, arch):
         out_features, in_features, has_bias = linear_shape(layer, path)
         shapes[path] = [out_features, in_features, int(has_bias)]
     return shapes

@@ -6,12 +6,15 @@ each) and its own MLP width, and may carry new o_proj / down_proj biases (FLAP b
 ``per_layer_config``. This file builds the base architecture, then resizes each listed linear to the shape recorded
 in ``config.secateurs_layers``; the weights then load under the base model's tensor names. Head counts need no
 config change: attention infers them from the projection shapes and the query-heads-per-KV-head ratio is kept.
+Sub-blocks listed in ``config.secateurs_skipped`` (TraceNAS depth pruning) are replaced by :class:`SkippedSubBlock`
+(a constant output: the block's mean calibration output, or zero) and their pre-norm by the identity.
 
 Self-contained on purpose (imports only torch and transformers): it must work without Secateurs installed.
 """
 
 from __future__ import annotations
 
+import torch
 import transformers
 from torch import nn
 
@@ -28,6 +31,36 @@ BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by the Secateurs checkpoint 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+
+
+class SkippedSubBlock(nn.Module):
+    """A removed attention or MLP sub-block: the residual branch adds a constant ``bias`` [hidden] (zero, or the
+    block's mean output on calibration data, i.e. FLAP's bias compensation with every unit removed).
+
+    ``attention=True`` returns ``(output, None)`` like the attention modules of transformers. Keyword arguments
+    (masks, positions, cache) are accepted and ignored: a skipped attention reads and writes no KV cache.
+    """
+
+    def __init__(self, hidden_size: int, attention: bool) -> None:
+        super().__init__()
+        self.attention = attention
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: object, **kwargs: object):
+        assert hidden_states is not None
+        out = self.bias.to(hidden_states.dtype).expand_as(hidden_states)
+        return (out, None) if self.attention else out
+
+
+def skip_sub_block(layer: nn.Module, block_path: str, norm_path: str, hidden_size: int, attention: bool) -> None:
+    """Replace ``layer.<block_path>`` by a :class:`SkippedSubBlock` and its pre-norm by the identity."""
+    block = layer.get_submodule(block_path)
+    if isinstance(block, SkippedSubBlock):
+        return
+    device = next(block.parameters()).device
+    dtype = next(block.parameters()).dtype
+    _set_submodule(layer, block_path, SkippedSubBlock(hidden_size, attention).to(device=device, dtype=dtype))
+    _set_submodule(layer, norm_path, nn.Identity())
 
 
 def resize_layers(model: nn.Module, layer_shapes: list[dict[str, list[int]]], layers_path: str) -> None:
@@ -63,6 +96,14 @@ class SecateursMixin:
                 "or export it with `export: dequantized`"
             )
         super().__init__(config, *args, **kwargs)
+        skipped = getattr(config, "secateurs_skipped", None)
+        if skipped:
+            layers = self.get_submodule(config.secateurs_layers_path)
+            sub_blocks = config.secateurs_sub_blocks  # {"attn": [block path, norm path], "mlp": [...]}
+            for index, names in enumerate(skipped):
+                for name in names:
+                    block_path, norm_path = sub_blocks[name]
+                    skip_sub_block(layers[index], block_path, norm_path, config.hidden_size, name == "attn")
         resize_layers(self, config.secateurs_layers, config.secateurs_layers_path)
 
 

@@ -73,7 +73,7 @@ def test_activation_aware_choice_runs_and_differs():
 def test_bad_quantize_settings_name_the_field():
     with pytest.raises(InputError, match=r"steps\.0\.quantize\.dtypes"):
         parse_recipe({"steps": [{"quantize": {"dtypes": "int5"}}]})
-    with pytest.raises(InputError, match="steps.1: prune steps must come before quantize"):
+    with pytest.raises(InputError, match="steps.1: prune and nas steps must come before quantize"):
         parse_recipe({"steps": [{"quantize": {}}, {"prune": {}}]})
 
 
