@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ PROXIES = [
     ("grad_norm", "gradient norm ‖ḡ‖"),
     ("neg_proxy_loss", "−loss on the proxy tokens"),
 ]
+
+
+SUBSET_PROXIES = ("phi", "phi_norm", "params", "neg_proxy_loss")
 
 
 def candidates(engine: NasEngine, n: int, ratio: float, tolerance: float, seed: int) -> list[tuple[str, Candidate]]:
@@ -77,6 +81,8 @@ def measure(engine: NasEngine, tokenizer: Any, cand: Candidate, ppl_cfg: Perplex
 
 
 def correlations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for r in rows:
+        r.setdefault("neg_proxy_loss", -r["proxy_loss"])
     quality = torch.tensor([-r["ppl"] for r in rows], dtype=torch.float64)
     table = []
     for key, label in PROXIES:
@@ -231,12 +237,29 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for t in result["correlations"]:
         lines.append(f"| {t['label']} | {t['spearman']:+.3f} | {t['kendall']:+.3f} |")
-    ratio = sec["phi_mean"] / sec["ppl_mean"]
+    full = [r for r in rows if 0 not in r["attn"] and 0 not in r["mlp"]]
+    removed = [r for r in rows if r not in full]
     lines += [
         "",
-        f"Seconds per candidate (2 CPU threads): Φ {sec['phi_mean']:.1f} s (realise + forward/backward), "
-        f"PPL {sec['ppl_mean']:.1f} s (realise + evaluation): Φ costs **{ratio:.2f}×** a PPL evaluation "
-        "(the loss on the proxy tokens comes out of the same pass at no extra cost).",
+        "Split by whether any sub-block was removed (Spearman; the window is ±5 % wide, so size alone explains "
+        "part of the ranking):",
+        "",
+        "| subset | n | Φ | Φ_norm | parameter count | −proxy loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, subset in (("all sub-blocks kept", full), ("some sub-blocks removed", removed)):
+        if len(subset) >= 3:
+            cells = [f"{t['spearman']:+.3f}" for t in correlations(subset) if t["proxy"] in SUBSET_PROXIES]
+            lines.append(f"| {label} | {len(subset)} | " + " | ".join(cells) + " |")
+    phi_med = statistics.median(r["phi_seconds"] for r in rows)
+    ppl_med = statistics.median(r["ppl_seconds"] for r in rows)
+    lines += [
+        "",
+        f"Seconds per candidate (2 CPU threads; median, mean in brackets): Φ {phi_med:.1f} s "
+        f"({sec['phi_mean']:.1f} s; realise + forward/backward on the proxy tokens), PPL {ppl_med:.1f} s "
+        f"({sec['ppl_mean']:.1f} s; realise + evaluation): Φ costs **{phi_med / ppl_med:.2f}×** a PPL evaluation "
+        "(the loss on the proxy tokens comes out of the same pass at no extra cost). Means include the first "
+        "candidates, measured while other jobs shared the 2 cores.",
         "",
         "![Φ and proxy loss vs PPL](nas_scatter.png)",
         "",

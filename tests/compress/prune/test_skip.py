@@ -129,3 +129,13 @@ def test_statistics_skip_removed_sub_blocks():
     model = _depth_pruned("llama")
     stats = collect_statistics(model, arch_for(model.config), CAL, batch_size=4)
     assert "o" not in stats[2] and "down" not in stats[1] and "down" in stats[0]
+
+
+def test_info_lists_removed_sub_blocks():
+    from compress.info import describe, format_description
+
+    model = _depth_pruned("llama")
+    d = describe(model)
+    assert [row["kv_heads"] for row in d["layers"]] == [3, 1, 0, 3]
+    assert [row["intermediate"] for row in d["layers"]] == [48, 0, 96, 0]
+    assert "skipped" in format_description(d)
