@@ -75,7 +75,7 @@ class Built:
     model: nn.Module
     steps: list[dict[str, Any]]
     masks: tuple[list[Tensor], list[Tensor]] | None = None  # keep-masks of the (single) prune step
-    pruned: nn.Module | None = field(default=None, repr=False)  # the model before quantization (for Φ)
+    pruned: nn.Module | None = field(default=None, repr=False)  # the model before quantization (kept for Φ)
 
 
 class Session:
@@ -133,8 +133,10 @@ class Session:
         attn, mlp = plan_masks(self.model, self.arch, cfg, stats)
         return {"kv_groups": [int(a.sum()) for a in attn], "intermediate_sizes": [int(m.sum()) for m in mlp]}
 
-    def build(self, recipe: Recipe) -> Built:
-        """Apply ``recipe.steps`` to a copy of the dense model (model, calibration and seed come from the session)."""
+    def build(self, recipe: Recipe, keep_float: bool = False) -> Built:
+        """Apply ``recipe.steps`` to a copy of the dense model (model, calibration and seed come from the session).
+
+        ``keep_float`` also keeps a copy of the model as it was before its first quantize step (for Φ)."""
         model = copy.deepcopy(self.model)
         ctx = StepContext(
             model,
@@ -165,14 +167,14 @@ class Session:
                     }
                 )
                 continue
-            if isinstance(step, QuantizeStep) and built.pruned is None:
+            if isinstance(step, QuantizeStep) and keep_float and built.pruned is None:
                 built.pruned = copy.deepcopy(model)
             if isinstance(step, QuantizeStep) and not step.quantize.activation_aware:
                 before = json.dumps([s.model_dump(mode="json") for s in recipe.steps[:index]], sort_keys=True)
                 built.steps.append(self._quantize_cached(model, step.quantize, before))
                 continue
             built.steps.append(apply_step(step, ctx))
-        if built.pruned is None:
+        if built.pruned is None and not any(isinstance(step, QuantizeStep) for step in recipe.steps):
             built.pruned = model
         return built
 
@@ -198,16 +200,17 @@ class Session:
         need a dense-statistics prune step (or none)."""
         for name in objectives:
             direction(name)
+        wants_phi = "phi" in objectives or "phi_norm" in objectives
         key = json.dumps([s.model_dump(mode="json") for s in recipe.steps], sort_keys=True)
-        if self._last is not None and self._last[0] == key:
+        if self._last is not None and self._last[0] == key and (self._last[1].pruned is not None or not wants_phi):
             built = self._last[1]
         else:
             self._last = None  # free the previous candidate before building the next
-            built = self.build(recipe)
+            built = self.build(recipe, keep_float=wants_phi)
             self._last = (key, built)
         model = built.model
         out: dict[str, float] = {}
-        if "phi" in objectives or "phi_norm" in objectives:
+        if wants_phi:
             masks = built.masks
             if masks is None:
                 if any(isinstance(s, PruneStep) for s in recipe.steps):
