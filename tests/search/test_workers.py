@@ -68,7 +68,7 @@ def test_sqlite_search_killed_mid_trial_resumes_without_losing_trials(tmp_path):
     data = synthetic_recipe(str(tmp_path / "out"), trials=10, heartbeat={"interval": 1, "grace": 2})
     recipe.write_text(yaml.safe_dump(data))
     storage = f"sqlite:///{tmp_path / 'out' / 'search.db'}"
-    first = _worker(recipe, delay=0.3)
+    first = _worker(recipe, delay=1.5)  # slow enough that the search is still mid-trial when it is killed
     try:
         _wait_for(lambda: len(_completed(_trials(storage, "search"))) >= 3, 60, "three completed trials")
         _wait_for(lambda: any(t.state == TrialState.RUNNING for t in _trials(storage, "search")), 10, "a trial")
