@@ -64,3 +64,14 @@ def tiny_llama() -> torch.nn.Module:
 def token_batch() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, TINY["vocab_size"], (4, 24), generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny4_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A saved 4-layer tiny Llama with a tokenizer: a model folder for recipes (nas, session, search tests)."""
+    from tests.tiny_tokenizer import build_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny4")
+    build_tiny("llama", num_hidden_layers=4).save_pretrained(folder)
+    build_tiny_tokenizer(folder)
+    return folder

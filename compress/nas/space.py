@@ -168,7 +168,7 @@ def repair(
         if moved is None:
             break
         if (params < lo and spec.params(moved) > hi) or (params > hi and spec.params(moved) < lo):
-            # one unit overshoots the window: try an MLP step instead of a KV group next time
+            # one unit jumps over the window: draw one other unit step and take it if it lands inside
             alt = _step(spec, cand, rng, grow=params < lo)
             moved = alt if alt is not None and lo <= spec.params(alt) <= hi else moved
         cand = moved

@@ -6,16 +6,11 @@ from compress.pipeline import as_recipe, run
 from compress.quantize import weight_storage
 from compress.session import Session, direction
 from quant.errors import InputError
-from tests.conftest import build_tiny
-from tests.tiny_tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny4s")
-    build_tiny("llama", num_hidden_layers=4).save_pretrained(folder)
-    build_tiny_tokenizer(folder)
-    return folder
+def model_dir(tiny4_dir):
+    return tiny4_dir
 
 
 def _recipe(model_dir, out, steps):

@@ -6,18 +6,13 @@ import pytest
 import yaml
 
 from search.cli import main as search_cli
-from tests.conftest import build_tiny
-from tests.tiny_tokenizer import build_tiny_tokenizer
 
 pytest.importorskip("compress.session")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    build_tiny("llama", num_hidden_layers=4).save_pretrained(folder)
-    build_tiny_tokenizer(folder)
-    return folder
+def model_dir(tiny4_dir):
+    return tiny4_dir
 
 
 def test_search_measures_real_candidates_and_materializes_the_front(model_dir, tmp_path):

@@ -8,16 +8,11 @@ import pytest
 from compress.pipeline import run
 from compress.recipe import parse_recipe
 from quant.errors import InputError
-from tests.conftest import build_tiny
-from tests.tiny_tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny4")
-    build_tiny("llama", num_hidden_layers=4).save_pretrained(folder)
-    build_tiny_tokenizer(folder)
-    return folder
+def model_dir(tiny4_dir):
+    return tiny4_dir
 
 
 def _recipe(model_dir, out, **nas):
