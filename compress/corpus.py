@@ -5,6 +5,12 @@ Sources (the ``source`` argument of every function here):
 * ``"web:calibration"`` / ``"web:eval"``: the shipped World English Bible corpus (``compress/data/``, built
   by ``scripts/prepare_corpus.py``; provenance in ``compress/data/SOURCE.md``). One document = one chapter;
   the two parts never share a chapter.
+* ``"prose:calibration"`` / ``"prose:eval"``: the shipped second-domain corpus, Jane Austen's novels (built by
+  ``scripts/prepare_prose.py``; provenance in ``compress/data/SOURCE.md``). One document = one chapter;
+  ``prose:eval`` is a whole novel (*Persuasion*) that no calibration/training text contains.
+* a **mixture** (calibration/training only): ``"mix:calibration"`` (the shipped mixture, ``MIXTURES``) or
+  ``"<source>*<weight>+<source>*<weight>..."``, e.g. ``"web:calibration*0.7+notes.txt*0.3"``: the windows are
+  split over the parts in proportion to the weights (``mixture_parts`` / ``calibration_batches``).
 * a path to a user file:
 
   - ``.txt``: **one document per line**; blank lines are skipped, surrounding whitespace is stripped.
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -31,7 +39,17 @@ if TYPE_CHECKING:
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_DIR = _PACKAGE_DIR / "data"
-SHIPPED: dict[str, str] = {"web:calibration": "web_calibration.txt", "web:eval": "web_eval.txt"}
+SHIPPED: dict[str, str] = {
+    "web:calibration": "web_calibration.txt",
+    "web:eval": "web_eval.txt",
+    "prose:calibration": "prose_calibration.txt",
+    "prose:eval": "prose_eval.txt",
+}
+_SHIPPED_PREFIXES = ("web:", "prose:")
+# shipped calibration/training mixtures: name -> ((source, weight), ...); never contains an evaluation split
+MIXTURES: dict[str, tuple[tuple[str, float], ...]] = {
+    "mix:calibration": (("web:calibration", 1.0), ("prose:calibration", 1.0)),
+}
 USER_EXTENSIONS = (".txt", ".jsonl")
 
 _TOKENIZE_CHUNK = 16  # documents per tokenizer call
@@ -58,7 +76,12 @@ def load_documents(source: str) -> list[str]:
         raise InputError(
             f"corpus source must be 'web:calibration', 'web:eval' or a file path, got {source!r}"
         )
-    if source.startswith("web:"):
+    if mixture_parts(source) is not None:
+        raise InputError(
+            f"corpus source {source!r} is a mixture: it has no single document list (use it for calibration "
+            "or training data, not for evaluation)"
+        )
+    if source.startswith(_SHIPPED_PREFIXES):
         if source not in SHIPPED:
             raise InputError(f"unknown shipped corpus {source!r}: expected one of {', '.join(SHIPPED)}")
         path = DATA_DIR / SHIPPED[source]
@@ -115,12 +138,50 @@ def _parse_jsonl(text: str, path: Path) -> Iterator[str]:
             yield obj["text"]
 
 
+def mixture_parts(source: str) -> tuple[tuple[str, float], ...] | None:
+    """The ``(source, weight)`` parts of a mixture source, or None when ``source`` is not a mixture.
+
+    A mixture is a name in ``MIXTURES`` or ``"<source>*<weight>+<source>*<weight>..."`` where every part ends in
+    ``*<number>``. Raises ``InputError`` for a non-positive weight or a nested mixture.
+    """
+    if not isinstance(source, str):
+        return None
+    if source in MIXTURES:
+        return MIXTURES[source]
+    if source.startswith("mix:"):
+        raise InputError(f"unknown shipped mixture {source!r}: expected one of {', '.join(MIXTURES)}")
+    matches = [re.fullmatch(r"(.+)\*\s*([0-9.eE+-]+)", part.strip()) for part in source.split("+")]
+    if "*" not in source or not all(matches):
+        return None
+    parts = []
+    for m in matches:
+        assert m is not None
+        name, raw = m.group(1).strip(), m.group(2)
+        try:
+            weight = float(raw)
+        except ValueError:
+            return None
+        if not math.isfinite(weight) or weight <= 0:
+            raise InputError(f"mixture {source!r}: weight of {name!r} must be a positive number, got {raw!r}")
+        if mixture_parts(name) is not None:
+            raise InputError(f"mixture {source!r}: part {name!r} is itself a mixture")
+        parts.append((name, weight))
+    return tuple(parts)
+
+
 def corpus_fingerprint(source: str) -> str:
     """SHA-256 (hex) of the documents of ``source``, each UTF-8 encoded and followed by ``\\n``.
 
     For the shipped ``.txt`` files this equals the file's own SHA-256 (listed in ``compress/data/SOURCE.md``).
-    Checkpoints record it as the calibration-data hash.
+    Checkpoints record it as the calibration-data hash. For a mixture: SHA-256 of the lines
+    ``"<weight!r> <part fingerprint>\\n"`` of its parts in order.
     """
+    parts = mixture_parts(source)
+    if parts is not None:
+        mixed = hashlib.sha256()
+        for name, weight in parts:
+            mixed.update(f"{weight!r} {corpus_fingerprint(name)}\n".encode())
+        return mixed.hexdigest()
     h = hashlib.sha256()
     for doc in load_documents(source):
         h.update(doc.encode("utf-8"))
@@ -192,6 +253,9 @@ def calibration_batches(
     _check_positive("seq_len", seq_len)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"seed must be an integer, got {seed!r}")
+    parts = mixture_parts(source)
+    if parts is not None:
+        return _mixture_batches(tokenizer, parts, n_samples, seq_len, seed)
     docs = load_documents(source)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(docs), generator=gen).tolist()
@@ -205,6 +269,37 @@ def calibration_batches(
     starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=gen)
     offsets = torch.arange(seq_len, dtype=torch.long)
     return cast(torch.LongTensor, stream[starts[:, None] + offsets[None, :]])  # [n_samples, seq_len]
+
+
+def mixture_counts(weights: list[float], n_samples: int) -> list[int]:
+    """Split ``n_samples`` over parts in proportion to ``weights`` (largest remainder, ties to the earlier part)."""
+    total = sum(weights)
+    exact = [n_samples * w / total for w in weights]
+    counts = [math.floor(e) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n_samples - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _mixture_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    parts: tuple[tuple[str, float], ...],
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+) -> torch.LongTensor:
+    """Windows of each part (part i sampled with seed ``seed + i``), interleaved by a permutation seeded with
+    ``seed``."""
+    counts = mixture_counts([w for _, w in parts], n_samples)
+    chunks = [
+        calibration_batches(tokenizer, name, count, seq_len, seed + i)
+        for i, ((name, _), count) in enumerate(zip(parts, counts, strict=True))
+        if count > 0
+    ]
+    stacked = torch.cat(chunks)
+    order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
+    return cast(torch.LongTensor, stacked[order])
 
 
 def eval_windows(

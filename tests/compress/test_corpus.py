@@ -16,10 +16,13 @@ import torch
 
 from compress.corpus import (
     DATA_DIR,
+    MIXTURES,
     calibration_batches,
     corpus_fingerprint,
     eval_windows,
     load_documents,
+    mixture_counts,
+    mixture_parts,
     task_dir,
 )
 from quant.errors import InputError
@@ -82,9 +85,7 @@ def test_splits_never_share_a_document(calib_docs: list[str], eval_docs: list[st
     assert len(set(eval_docs)) == len(eval_docs)
 
 
-def test_cleaning_removed_headings_references_and_footnote_glue(
-    calib_docs: list[str], eval_docs: list[str]
-) -> None:
+def test_cleaning_removed_headings_references_and_footnote_glue(calib_docs: list[str], eval_docs: list[str]) -> None:
     text = "\n".join(calib_docs + eval_docs)
     # diatheke repeats the last heading before every later verse: none may survive
     for heading in (
@@ -97,8 +98,7 @@ def test_cleaning_removed_headings_references_and_footnote_glue(
         assert heading not in text
     # Psalm 3 starts with its first verse, not with its (glued) title
     assert any(
-        d.startswith("Yahweh, how my adversaries have increased! Many are those")
-        for d in calib_docs + eval_docs
+        d.startswith("Yahweh, how my adversaries have increased! Many are those") for d in calib_docs + eval_docs
     )
     assert "<title" not in text and "<l " not in text and "/>" not in text
     assert "(engWEB2015eb)" not in text and "The following words used in the World English Bible" not in text
@@ -106,10 +106,7 @@ def test_cleaning_removed_headings_references_and_footnote_glue(
     assert not re.search(r"\[\s*\d+:\d+", text)  # footnotes
     # removing footnotes must not glue words together (diatheke's default output has "Godcreated")
     assert "Godcreated" not in text and "YahwehGod" not in text and "Lord,you" not in text
-    assert any(
-        d.startswith("In the beginning, God created the heavens and the earth.")
-        for d in calib_docs + eval_docs
-    )
+    assert any(d.startswith("In the beginning, God created the heavens and the earth.") for d in calib_docs + eval_docs)
     assert "  " not in text
 
 
@@ -230,17 +227,12 @@ def test_user_txt_and_jsonl(tmp_path: Path, tok) -> None:
     assert load_documents(str(txt)) == ["first document here", "second one"]
     jl = tmp_path / "c.jsonl"
     jl.write_text(
-        json.dumps({"text": "first document here", "id": 1})
-        + "\n\n"
-        + json.dumps({"text": "second one"})
-        + "\n",
+        json.dumps({"text": "first document here", "id": 1}) + "\n\n" + json.dumps({"text": "second one"}) + "\n",
         encoding="utf-8",
     )
     assert load_documents(str(jl)) == ["first document here", "second one"]
     assert corpus_fingerprint(str(txt)) == corpus_fingerprint(str(jl))
-    assert (
-        corpus_fingerprint("web:eval") == hashlib.sha256((DATA_DIR / "web_eval.txt").read_bytes()).hexdigest()
-    )
+    assert corpus_fingerprint("web:eval") == hashlib.sha256((DATA_DIR / "web_eval.txt").read_bytes()).hexdigest()
     assert corpus_fingerprint("web:eval") != corpus_fingerprint("web:calibration")
     big = tmp_path / "big.txt"
     big.write_text("\n".join(calib for calib in load_documents("web:eval")[:3]), encoding="utf-8")
@@ -308,9 +300,7 @@ def test_window_errors(tmp_path: Path, tok) -> None:
 # --------------------------------------------------------------------------------------------- lm-eval tasks
 
 
-def test_lm_eval_tasks_run_in_memory_from_any_cwd(
-    tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_lm_eval_tasks_run_in_memory_from_any_cwd(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -338,3 +328,97 @@ def test_lm_eval_tasks_run_in_memory_from_any_cwd(
     for key in ("acc,none", "acc_norm,none"):
         assert 0.0 <= mc[key] <= 1.0
     assert out["n-samples"]["secateurs_web_mc"]["effective"] == 3
+
+
+# --------------------------------------------------------------------------- second domain (prose) and mixtures
+
+
+def _load_prose_script():
+    spec = importlib.util.spec_from_file_location("prepare_prose", REPO / "scripts" / "prepare_prose.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prose_splits_load_and_never_overlap() -> None:
+    cal, ev = load_documents("prose:calibration"), load_documents("prose:eval")
+    assert len(ev) == 24 and len(cal) == 142  # Persuasion's 24 chapters; P&P 61 + S&S 50 + Northanger 31
+    assert ev[0].startswith("Sir Walter Elliot, of Kellynch Hall")
+    assert not set(cal) & set(ev)
+    # no eval sentence (long enough to be distinctive) occurs in the calibration text
+    cal_text = "\n".join(cal)
+    sentences = [s for d in ev for s in re.split(r"(?<=[.!?]) ", d) if len(s) > 80]
+    assert sentences and not any(s in cal_text for s in sentences[::25])
+    # nor in the Bible calibration text, nor does any Bible eval chapter occur in a mixture part
+    assert not any(s in "\n".join(load_documents("web:calibration")) for s in sentences[::50])
+
+
+def test_prose_source_md_records_hashes() -> None:
+    md = (DATA_DIR / "SOURCE.md").read_text()
+    for name in ("prose_calibration.txt", "prose_eval.txt"):
+        assert hashlib.sha256((DATA_DIR / name).read_bytes()).hexdigest() in md
+    assert "r-cran-janeaustenr" in md and "1.0.0-1" in md
+
+
+def test_prose_chapter_rules() -> None:
+    prose = _load_prose_script()
+    lines = [
+        "TITLE",
+        "",
+        "VOLUME I",
+        "",
+        "CHAPTER I",
+        "",
+        "It is _a_ truth",
+        "universally",
+        "",
+        "Next  para.",
+        "Chapter 2",
+        "Second.",
+        "",
+        "THE END",
+        "",
+        "A trailing note.",
+    ]
+    assert prose.chapters(lines) == ["It is a truth universally Next para.", "Second."]
+
+
+def test_mixture_parts_and_errors() -> None:
+    assert mixture_parts("web:calibration") is None
+    assert mixture_parts("notes.txt") is None
+    assert mixture_parts("mix:calibration") == MIXTURES["mix:calibration"]
+    assert mixture_parts("web:calibration*0.7+a.txt*0.3") == (("web:calibration", 0.7), ("a.txt", 0.3))
+    with pytest.raises(InputError, match="weight of 'a.txt' must be a positive"):
+        mixture_parts("web:calibration*1+a.txt*0")
+    with pytest.raises(InputError, match="unknown shipped mixture"):
+        mixture_parts("mix:nope")
+    with pytest.raises(InputError, match="is a mixture"):
+        load_documents("mix:calibration")
+    assert all(not name.endswith(":eval") for parts in MIXTURES.values() for name, _ in parts)
+
+
+@pytest.mark.parametrize(
+    ("weights", "n", "expected"), [([1, 1], 5, [3, 2]), ([3, 1], 8, [6, 2]), ([1, 1, 1], 2, [1, 1, 0])]
+)
+def test_mixture_counts(weights: list[float], n: int, expected: list[int]) -> None:
+    assert mixture_counts(weights, n) == expected
+
+
+def test_mixture_batches_deterministic_and_mixed(tok, calib_docs: list[str]) -> None:
+    a = calibration_batches(tok, "mix:calibration", 6, 32, seed=3)
+    assert a.shape == (6, 32) and torch.equal(a, calibration_batches(tok, "mix:calibration", 6, 32, seed=3))
+    assert not torch.equal(a, calibration_batches(tok, "mix:calibration", 6, 32, seed=4))
+    web = calibration_batches(tok, "web:calibration", 3, 32, seed=3)  # part 0 is sampled with the same seed
+    prose = calibration_batches(tok, "prose:calibration", 3, 32, seed=4)  # part 1 with seed + 1
+    rows = {tuple(r.tolist()) for r in a}
+    assert rows == {tuple(r.tolist()) for r in torch.cat([web, prose])}
+    # web:calibration itself is unchanged by the mixture support (existing checkpoints stay reproducible)
+    assert torch.equal(web, calibration_batches(tok, "web:calibration", 3, 32, seed=3))
+
+
+def test_mixture_fingerprint() -> None:
+    fp = corpus_fingerprint("mix:calibration")
+    parts = "".join(f"{w!r} {corpus_fingerprint(n)}\n" for n, w in MIXTURES["mix:calibration"])
+    assert fp == hashlib.sha256(parts.encode()).hexdigest()
+    assert fp != corpus_fingerprint("web:calibration*1.0+prose:calibration*2.0")
