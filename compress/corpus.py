@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -271,7 +271,7 @@ def calibration_batches(
     return cast(torch.LongTensor, stream[starts[:, None] + offsets[None, :]])  # [n_samples, seq_len]
 
 
-def mixture_counts(weights: list[float], n_samples: int) -> list[int]:
+def mixture_counts(weights: Sequence[float], n_samples: int) -> list[int]:
     """Split ``n_samples`` over parts in proportion to ``weights`` (largest remainder, ties to the earlier part)."""
     total = sum(weights)
     exact = [n_samples * w / total for w in weights]
