@@ -292,7 +292,7 @@ def _mixture_batches(
     """Windows of each part (part i sampled with seed ``seed + i``), interleaved by a permutation seeded with
     ``seed``."""
     counts = mixture_counts([w for _, w in parts], n_samples)
-    chunks = [
+    chunks: list[torch.Tensor] = [
         calibration_batches(tokenizer, name, count, seq_len, seed + i)
         for i, ((name, _), count) in enumerate(zip(parts, counts, strict=True))
         if count > 0
