@@ -1,0 +1,34 @@
+"""Recipe settings of ``prune: {structure: puzzle, puzzle: {...}}`` (kept here so recipe.py only imports it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PuzzleConfig(BaseModel):
+    """Block library, replace-one-block scoring and the budgets of the integer program.
+
+    The parameter budget is the prune step's ``ratio``: the chosen model has at most
+    dense parameters − ratio × prunable decoder parameters (compensation biases and no-op constants included).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: Literal["kl", "lm_loss"] = Field("kl", description="KL(parent ‖ variant) or the LM-loss increase")
+    estimate: Literal["exact", "local"] = Field(
+        "exact",
+        description="exact: every variant through the rest of the model; local: the smallest variant of each "
+        "sub-block exactly, the others by their local output error scaled to it (cheaper)",
+    )
+    samples: int = Field(4, ge=1, description="scoring sequences (the first rows of the calibration draw)")
+    seq_len: int = Field(128, ge=8)
+    mlp_steps: int = Field(16, ge=1, description="MLP widths on the grid F·j/mlp_steps, j = 1..mlp_steps")
+    allow_noop: bool = True
+    kv_cache_ratio: float | None = Field(None, gt=0.0, le=1.0, description="max fraction of the dense KV cache")
+    latency_ratio: float | None = Field(
+        None, gt=0.0, le=1.0, description="max fraction of the dense decoder's measured sub-block latency"
+    )
+    cache_dir: str | None = Field(None, description="where scores are cached (default ~/.cache/secateurs/puzzle)")
+    time_limit: float = Field(60.0, gt=0.0, description="MILP time limit in seconds (the gap is reported)")

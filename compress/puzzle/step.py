@@ -1,0 +1,255 @@
+"""Puzzle glue: score the library once (cached on disk), solve the MILP for a budget, realise the choice.
+
+The realised model is the parent with every sub-block replaced by its chosen variant through the pruner's surgery
+(explicit per-layer KV groups and MLP widths, no-ops as skipped sub-blocks), so checkpoints, reload and
+provenance are those of any prune step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from compress.adapters import Arch, attention_layout, decoder_layers, model_config
+from compress.calibration import LayerStats
+from compress.checkpoint import tensor_sha256
+from compress.loading import cache_dir as secateurs_cache
+from compress.prune.allocate import ModuleUnits
+from compress.prune.pruner import collect_statistics, count_parameters, module_units, prunable_parameters
+from compress.puzzle.config import PuzzleConfig
+from compress.puzzle.library import (
+    KINDS,
+    BlockShape,
+    Variant,
+    block_shape,
+    library,
+    realize_sub_block,
+    time_sub_block,
+    variant_kv_bytes,
+    variant_params,
+)
+from compress.puzzle.milp import MilpSolution, solve_choice
+from compress.puzzle.score import dense_cache, score_sub_block
+from compress.recipe import PruneConfig
+
+log = logging.getLogger("secateurs")
+
+
+@dataclass
+class ScoredLibrary:
+    """Variants, scores and costs of every sub-block (groups [L0 attn, L0 mlp, L1 attn, ...]); JSON-cacheable."""
+
+    variants: list[list[str]]  # labels, e.g. "mlp:768", "attn:noop"
+    scores: dict[str, list[list[float]]]  # "kl", "lm_loss", "local"
+    exact: list[list[bool]]
+    costs: dict[str, list[list[float]]]  # "params", "kv_bytes", "latency_s"
+    fixed_params: int  # parameters outside the decoder sub-blocks (embeddings, final norm, head)
+    dense_loss: float
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    def parsed(self, g: int) -> list[Variant]:
+        out = []
+        for label in self.variants[g]:
+            kind, units = label.split(":")
+            out.append(Variant(kind, 0 if units == "noop" else int(units)))
+        return out
+
+    def dense_cost(self, name: str) -> float:
+        return float(sum(row[0] for row in self.costs[name]))
+
+
+def _model_key(model: nn.Module, ids: Tensor, cfg: PuzzleConfig, shape: BlockShape) -> str:
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor_sha256(p).encode())
+    digest.update(tensor_sha256(ids).encode())
+    settings = {"estimate": cfg.estimate, "mlp_steps": cfg.mlp_steps, "noop": cfg.allow_noop, **asdict(shape)}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def score_library(
+    model: nn.Module, arch: Arch, stats: list[LayerStats], ids: Tensor, cfg: PuzzleConfig, batch_size: int = 4
+) -> ScoredLibrary:
+    """Replace-one-block scores and exact costs of every variant, from the parent ``model`` (left unchanged)."""
+    shape = block_shape(model, arch)
+    layers = decoder_layers(model, arch)
+    config = model_config(model)
+    units = module_units(model, arch, PruneConfig(method="flap"), stats)
+    groups = library(shape, len(layers), cfg.mlp_steps, cfg.allow_noop)
+    clock = time.perf_counter()
+    cache = dense_cache(model, arch, ids, batch_size)
+    dense_seconds = time.perf_counter() - clock
+
+    def realize(layer: nn.Module, index: int, v: Variant) -> None:
+        realize_sub_block(layer, arch, attention_layout(config, layer, arch), stats[index], units[index], v)
+
+    scores: dict[str, list[list[float]]] = {"kl": [], "lm_loss": [], "local": []}
+    exact: list[list[bool]] = []
+    per_variant: list[float] = []
+    for g, variants in enumerate(groups):
+        index = g // 2
+        result = score_sub_block(model, arch, cache, index, variants, realize, cfg.estimate)
+        scores["kl"].append([s.kl for s in result])
+        scores["lm_loss"].append([s.lm_loss for s in result])
+        scores["local"].append([s.local for s in result])
+        exact.append([s.exact for s in result])
+        per_variant += [s.seconds for s in result[1:]]
+        log.info("puzzle: scored layer %d %s (%d variants)", index, variants[0].kind, len(variants) - 1)
+    latency = measure_latency(model, arch, stats, units, groups, cache.inputs[min(1, len(layers) - 1)])
+    fixed = count_parameters(model) - sum(variant_params(shape, vs[0]) for vs in groups)
+    return ScoredLibrary(
+        variants=[[v.label for v in vs] for vs in groups],
+        scores=scores,
+        exact=exact,
+        costs={
+            "params": [[float(variant_params(shape, v)) for v in vs] for vs in groups],
+            "kv_bytes": [[float(variant_kv_bytes(shape, v)) for v in vs] for vs in groups],
+            "latency_s": [[latency[v] for v in vs] for vs in groups],
+        },
+        fixed_params=fixed,
+        dense_loss=cache.loss,
+        timing={
+            "dense_pass_s": round(dense_seconds, 2),
+            "variants": len(per_variant),
+            "scoring_s": round(time.perf_counter() - clock, 2),
+            "mean_per_variant_s": round(sum(per_variant) / max(len(per_variant), 1), 3),
+            "tokens": int(ids.numel()),
+            "threads": torch.get_num_threads(),
+        },
+    )
+
+
+def measure_latency(
+    model: nn.Module,
+    arch: Arch,
+    stats: list[LayerStats],
+    units: list[tuple[ModuleUnits, ModuleUnits]],
+    groups: list[list[Variant]],
+    inputs: Any,
+) -> dict[Variant, float]:
+    """Seconds of each distinct variant's forward (pre-norm + sub-block) on one cached batch of layer 1; variants
+    of equal shape cost the same in every layer, so each shape is timed once (realised from layer 1)."""
+    import copy
+
+    index = min(1, len(decoder_layers(model, arch)) - 1)
+    parent = decoder_layers(model, arch)[index]
+    config = model_config(model)
+    times: dict[Variant, float] = {}
+    for v in sorted({v for vs in groups for v in vs}, key=lambda v: (v.kind, v.units)):
+        layer = copy.deepcopy(parent)
+        realize_sub_block(layer, arch, attention_layout(config, layer, arch), stats[index], units[index], v)
+        times[v] = time_sub_block(layer, arch, v.kind, inputs.hidden[0], inputs.kwargs[0])
+    return times
+
+
+def cached_library(
+    model: nn.Module, arch: Arch, stats: list[LayerStats], ids: Tensor, cfg: PuzzleConfig, batch_size: int = 4
+) -> tuple[ScoredLibrary, bool]:
+    """The scored library from the on-disk cache (keyed by parent weights, scoring tokens, settings) or scored
+    now and stored; returns (library, came from the cache)."""
+    key = _model_key(model, ids, cfg, block_shape(model, arch))
+    folder = Path(cfg.cache_dir) if cfg.cache_dir else secateurs_cache() / "puzzle"
+    path = folder / f"library-{key}.json"
+    if path.exists():
+        return ScoredLibrary(**json.loads(path.read_text())), True
+    lib = score_library(model, arch, stats, ids, cfg, batch_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(lib)))
+    tmp.replace(path)
+    return lib, False
+
+
+def solve_budget(
+    lib: ScoredLibrary,
+    score: str,
+    params_budget: float | None,
+    kv_ratio: float | None = None,
+    latency_ratio: float | None = None,
+    time_limit: float = 60.0,
+) -> MilpSolution:
+    """The MILP on the library: ``params_budget`` bounds the summed sub-block parameters; the ratios bound the KV
+    bytes and latency relative to the parent's."""
+    budgets: dict[str, float] = {}
+    if params_budget is not None:
+        budgets["params"] = params_budget
+    if kv_ratio is not None:
+        budgets["kv_bytes"] = kv_ratio * lib.dense_cost("kv_bytes")
+    if latency_ratio is not None:
+        budgets["latency_s"] = latency_ratio * lib.dense_cost("latency_s")
+    return solve_choice(lib.scores[score], lib.costs, budgets, time_limit)
+
+
+def apply_choice(
+    model: nn.Module, arch: Arch, stats: list[LayerStats], lib: ScoredLibrary, choice: list[int]
+) -> dict[str, Any]:
+    """Replace every sub-block of the parent ``model`` by its chosen variant in place; per-layer summary."""
+    config = model_config(model)
+    units = module_units(model, arch, PruneConfig(method="flap"), stats)
+    layers = decoder_layers(model, arch)
+    chosen = [lib.parsed(g)[v] for g, v in enumerate(choice)]
+    for g, v in enumerate(chosen):
+        index = g // 2
+        layer = layers[index]
+        realize_sub_block(layer, arch, attention_layout(config, layer, arch), stats[index], units[index], v)
+    attn, mlp = chosen[0::2], chosen[1::2]
+    return {
+        "kv_groups": [v.units for v in attn],
+        "intermediate_sizes": [v.units for v in mlp],
+        "skipped": [
+            [k for k, v in zip(KINDS, pair, strict=True) if v.units == 0] for pair in zip(attn, mlp, strict=True)
+        ],
+    }
+
+
+def run_puzzle(
+    model: nn.Module,
+    arch: Arch,
+    ratio: float,
+    cfg: PuzzleConfig,
+    calibration: Tensor | None,
+    batch_size: int = 8,
+    dense_stats: list[LayerStats] | None = None,
+) -> dict[str, Any]:
+    """The ``structure: puzzle`` prune step: remove ``ratio`` of the prunable decoder parameters (and meet the KV
+    and latency budgets) with the variants of least summed score; returns the provenance record."""
+    if calibration is None:
+        raise ValueError("puzzle needs calibration data")
+    stats = dense_stats or collect_statistics(model, arch, calibration, batch_size)
+    ids = calibration[: cfg.samples, : cfg.seq_len]
+    lib, cached = cached_library(model, arch, stats, ids, cfg, min(batch_size, 4))
+    dense_params = count_parameters(model)
+    budget = dense_params - ratio * prunable_parameters(model, arch) - lib.fixed_params
+    sol = solve_budget(lib, cfg.score, budget, cfg.kv_cache_ratio, cfg.latency_ratio, cfg.time_limit)
+    record = apply_choice(model, arch, stats, lib, sol.choice)
+    realised = count_parameters(model)
+    predicted = lib.fixed_params + int(sol.costs["params"])
+    if realised != predicted:  # the solver's costs must be the realised model's
+        raise RuntimeError(f"puzzle: realised {realised} parameters but the library predicted {predicted}")
+    return {
+        **record,
+        "parameters": realised,
+        "milp": {
+            "objective": sol.objective,
+            "gap": sol.gap,
+            "seconds": round(sol.seconds, 3),
+            "costs": sol.costs,
+            "score": cfg.score,
+        },
+        "library": {"cached": cached, **lib.timing},
+        "equivalent_prune_step": {
+            "method": "flap",
+            "attn_groups": record["kv_groups"],
+            "mlp_channels": record["intermediate_sizes"],
+            "bias_compensation": True,
+        },
+    }
