@@ -17,6 +17,7 @@ log = logging.getLogger("secateurs")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secateurs", description="Compress Hugging Face causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"secateurs {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a YAML recipe end to end")
     run.add_argument("recipe", help="path to a recipe YAML file")
@@ -41,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("search", help="multi-objective search over recipes (secateurs search -h for its options)")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("secateurs")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -91,12 +101,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_word(argv: list[str]) -> int:
+    """Index of the first argument that is not an option (the subcommand)."""
+    return next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["search"]:  # the search driver has its own parser; imported lazily (it needs optuna)
+    flags = [a for a in argv[: _first_word(argv)] if a in ("-v", "--verbose")]
+    if argv[len(flags) : len(flags) + 1] == ["search"]:
+        # the search driver has its own parser (global -v passed on); imported lazily (it needs optuna)
         from search.cli import main as search_main
 
-        return search_main(argv[1:])
+        return search_main(argv[len(flags) + 1 :] + flags[:1])
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="secateurs: %(message)s"

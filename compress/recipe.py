@@ -37,36 +37,63 @@ class PruneConfig(Strict):
     metric: Literal["WIFV", "IFV", "WIFN"] = "WIFV"
     structure: Literal["AL-AM", "AL-MM", "UL-UM", "UL-MM"] | None = None
     attn_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    uniform_rounding: Literal["floor", "nearest"] | None = Field(
+        None,
+        description="uniform structures remove floor(ratio·n) units per module (the Wanda-sp reference) or keep "
+        "round((1 − ratio)·n); default floor for the baselines, nearest for FLAP",
+    )
     statistics: Literal["dense", "progressive"] = "dense"
     bias_compensation: bool | None = None
     square_attention_scores: bool = True
-    min_units: int = Field(1, ge=1)
+    min_units: int = Field(
+        1, ge=0, description="units every module keeps (0: the threshold may remove a whole sub-block)"
+    )
     attn_keep: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
         None, description="explicit per-layer fraction of KV groups kept (0 = attention sub-block removed)"
     )
     mlp_keep: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
         None, description="explicit per-layer fraction of MLP channels kept (0 = MLP sub-block removed)"
     )
-    mlp_step: int = Field(32, ge=1, description="explicit MLP widths are snapped to multiples of this")
+    attn_groups: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="explicit per-layer count of KV groups kept (0 = attention sub-block removed)"
+    )
+    mlp_channels: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="explicit per-layer count of MLP channels kept, used as given (0 = MLP removed)"
+    )
+    mlp_step: int = Field(32, ge=1, description="explicit MLP fractions are snapped to multiples of this")
 
     @model_validator(mode="after")
     def _explicit_widths(self) -> PruneConfig:
-        """Explicit widths replace the allocation (``ratio`` and ``structure`` are then unused)."""
-        if (self.attn_keep is None) != (self.mlp_keep is None):
-            raise ValueError("attn_keep and mlp_keep must be given together (one fraction per decoder layer)")
-        if self.attn_keep is not None and self.mlp_keep is not None and len(self.attn_keep) != len(self.mlp_keep):
-            raise ValueError(f"attn_keep has {len(self.attn_keep)} entries but mlp_keep {len(self.mlp_keep)}")
+        """Explicit widths (fractions or counts, not both) replace the allocation (``ratio``/``structure``)."""
+        for a, m, names in (
+            (self.attn_keep, self.mlp_keep, "attn_keep and mlp_keep"),
+            (self.attn_groups, self.mlp_channels, "attn_groups and mlp_channels"),
+        ):
+            if (a is None) != (m is None):
+                raise ValueError(f"{names} must be given together (one entry per decoder layer)")
+            if a is not None and m is not None and len(a) != len(m):
+                raise ValueError(f"{names} have {len(a)} and {len(m)} entries")
+        if self.attn_keep is not None and self.attn_groups is not None:
+            raise ValueError("give per-layer widths as fractions (attn_keep/mlp_keep) or counts, not both")
         return self
 
     @model_validator(mode="after")
     def _method_defaults(self) -> PruneConfig:
         """FLAP defaults to the adaptive structure with compensation; the baselines to uniform layers with the
-        MLP width matched to the same parameter budget, and no compensation (as in the FLAP paper)."""
+        MLP width matched to the same parameter budget, attention rounded down like the Wanda-sp reference, and
+        no compensation (as in the FLAP paper)."""
         if self.structure is None:
             self.structure = "AL-AM" if self.method == "flap" else "UL-MM"
+        if self.uniform_rounding is None:
+            self.uniform_rounding = "nearest" if self.method == "flap" else "floor"
         if self.bias_compensation is None:
             self.bias_compensation = self.method == "flap"
         return self
+
+    @property
+    def explicit(self) -> bool:
+        """Per-layer widths are given (fractions or counts): no allocation."""
+        return self.attn_keep is not None or self.attn_groups is not None
 
 
 class PruneStep(Strict):

@@ -44,6 +44,7 @@ from search.space import ModelShape, distributions, overlay, step_index, suggest
 
 log = logging.getLogger("secateurs")
 
+EXPLICIT_WIDTHS = ("attn_keep", "mlp_keep", "attn_groups", "mlp_channels")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards search.trials
 
 
@@ -90,7 +91,7 @@ def session_allocation(session: Evaluator, base: dict[str, Any]) -> Allocation |
     allocate, build = getattr(session, "allocation", None), getattr(session, "build", None)
     if at is None or (allocate is None and build is None):
         return None
-    prune = {k: v for k, v in base["steps"][at]["prune"].items() if k not in ("attn_keep", "mlp_keep")}
+    prune = {k: v for k, v in base["steps"][at]["prune"].items() if k not in EXPLICIT_WIDTHS}
 
     def widths(ratio: float) -> tuple[list[int], list[int]]:
         cfg = {**prune, "ratio": ratio, "structure": "AL-AM"}

@@ -6,9 +6,9 @@ Parameter names say what they set, so that a trial reads on its own (and in optu
 |---------------------------|--------------------------------|-------------------------------------------------------|
 | ``ratio``                 | float [low, high] (step)       | ``prune.ratio`` (global allocation)                   |
 | ``structure``             | categorical AL-AM, UL-UM, ...  | ``prune.structure`` (FLAP mode)                       |
-| ``attn_groups.L4-7``      | int, KV groups kept per layer  | ``prune.attn_keep[4..7] = groups / n_kv``             |
-| ``mlp_channels.L4-7``     | int, multiple of ``mlp_step``  | ``prune.mlp_keep[4..7] = channels / F``               |
-| ``attn_skip.L20``         | categorical False/True         | ``prune.attn_keep[20] = 0`` (sub-block removed)       |
+| ``attn_groups.L4-7``      | int, KV groups kept per layer  | ``prune.attn_groups[4..7]``                           |
+| ``mlp_channels.L4-7``     | int, multiple of ``mlp_step``  | ``prune.mlp_channels[4..7]``                          |
+| ``attn_skip.L20``         | categorical False/True         | ``prune.attn_groups[20] = 0`` (sub-block removed)     |
 | ``bits.L4-7``             | categorical 3/4/8              | ``quantize.overrides`` for layers 4..7                |
 | ``dtypes.4bit``           | categorical datatype sets      | which set the 4-bit layers use                        |
 | ``group_size``            | categorical                    | ``quantize.group_size``                               |
@@ -255,18 +255,18 @@ def _per_layer(params: dict[str, Any], key: str, num_layers: int) -> dict[int, A
     return out
 
 
-def keep_fractions(params: dict[str, Any], shape: ModelShape) -> tuple[list[float], list[float]] | None:
-    """(attn_keep, mlp_keep) per layer from the width parameters; None when the trial has none."""
+def keep_counts(params: dict[str, Any], shape: ModelShape) -> tuple[list[int], list[int]] | None:
+    """(prune.attn_groups, prune.mlp_channels): kept units per layer from the width parameters (0 where a
+    sub-block is skipped); None when the trial has none."""
     groups = _per_layer(params, "attn_groups", shape.num_layers)
     channels = _per_layer(params, "mlp_channels", shape.num_layers)
     if not groups and not channels:
         return None
     attn_skip = _per_layer(params, "attn_skip", shape.num_layers)
     mlp_skip = _per_layer(params, "mlp_skip", shape.num_layers)
-    attn = [0.0 if attn_skip.get(i) else groups.get(i, shape.n_kv) / shape.n_kv for i in range(shape.num_layers)]
+    attn = [0 if attn_skip.get(i) else int(groups.get(i, shape.n_kv)) for i in range(shape.num_layers)]
     mlp = [
-        0.0 if mlp_skip.get(i) else channels.get(i, shape.intermediate_size) / shape.intermediate_size
-        for i in range(shape.num_layers)
+        0 if mlp_skip.get(i) else int(channels.get(i, shape.intermediate_size)) for i in range(shape.num_layers)
     ]
     return attn, mlp
 
@@ -301,10 +301,11 @@ def overlay(base: dict[str, Any], params: dict[str, Any], space: SpaceConfig, sh
             prune["ratio"] = float(params["ratio"])
         if "structure" in params:
             prune["structure"] = params["structure"]
-        fractions = keep_fractions(params, shape)
-        if fractions is not None:
-            prune["attn_keep"], prune["mlp_keep"] = fractions
-            prune["mlp_step"] = shape.mlp_step
+        counts = keep_counts(params, shape)
+        if counts is not None:
+            for key in ("attn_keep", "mlp_keep"):
+                prune.pop(key, None)
+            prune["attn_groups"], prune["mlp_channels"] = counts
     if quant_at is not None:
         quantize = recipe["steps"][quant_at]["quantize"]
         if "group_size" in params:
@@ -321,17 +322,18 @@ def summarize(params: dict[str, Any], shape: ModelShape) -> str:
         parts.append(f"ratio {params['ratio']:.3g}")
     if "structure" in params:
         parts.append(str(params["structure"]))
-    fractions = keep_fractions(params, shape)
-    if fractions is not None:
-        attn, mlp = fractions
-        skipped = sum(a == 0.0 for a in attn) + sum(m == 0.0 for m in mlp)
-        parts.append(f"attn {sum(attn) / len(attn):.2f} mlp {sum(mlp) / len(mlp):.2f}")
+    counts = keep_counts(params, shape)
+    if counts is not None:
+        attn, mlp = counts
+        skipped = sum(a == 0 for a in attn) + sum(m == 0 for m in mlp)
+        kept_attn = sum(attn) / (shape.n_kv * len(attn))
+        parts.append(f"attn {kept_attn:.2f} mlp {sum(mlp) / (shape.intermediate_size * len(mlp)):.2f}")
         if skipped:
             parts.append(f"skip {skipped}")
     widths = _per_layer(params, "bits", shape.num_layers)
     if widths:
-        counts = {w: list(widths.values()).count(w) for w in sorted(set(widths.values()))}
-        parts.append(" ".join(f"{w}b×{n}" for w, n in counts.items()))
+        layers = {w: list(widths.values()).count(w) for w in sorted(set(widths.values()))}
+        parts.append(" ".join(f"{w}b×{n}" for w, n in layers.items()))
     parts += [f"{k.split('.')[1]}={v}" for k, v in params.items() if k.startswith("dtypes.")]
     if "group_size" in params:
         parts.append(f"g{params['group_size']}")

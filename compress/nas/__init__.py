@@ -5,4 +5,6 @@
 - ``proxy``: gradient traces of the dense model's sub-blocks and the proxy Φ of a candidate.
 - ``evolve``: the seeded evolutionary search that maximises a proxy inside a parameter window.
 - ``engine``: plumbing that realises candidates on a model (FLAP scores + surgery) and scores them.
+
+The ``nas`` recipe step (glue) is a handler in ``compress.steps``.
 """

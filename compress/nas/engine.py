@@ -2,7 +2,7 @@
 
 Which units a candidate keeps: the FLAP WIFV scores of the dense model (statistics of o_proj / down_proj inputs
 from one layer-wise calibration pass), the top-k per layer, with FLAP's bias compensation — exactly the prune
-step with explicit widths (``prune.attn_keep`` / ``mlp_keep``), so a NAS winner is reproducible as a prune step.
+step with explicit widths (``prune.attn_groups`` / ``mlp_channels``), so a NAS winner is reproducible as a prune step.
 """
 
 from __future__ import annotations
@@ -85,11 +85,10 @@ class NasEngine:
 
     def prune_config(self, cand: Candidate) -> PruneConfig:
         """The prune step that realises ``cand``."""
-        attn_keep, mlp_keep = cand.keep_fractions(self.spec)
         return PruneConfig(
             method="flap",
-            attn_keep=attn_keep,
-            mlp_keep=mlp_keep,
+            attn_groups=list(cand.attn),
+            mlp_channels=list(cand.mlp),
             mlp_step=self.spec.mlp_step,
             bias_compensation=self.bias_compensation,
         )
@@ -100,7 +99,6 @@ class NasEngine:
         cfg = self.prune_config(cand)
         model = copy.deepcopy(self.dense)
         attn, mlp = plan_masks(model, self.arch, cfg, self.stats)
-        assert [int(a.sum()) for a in attn] == list(cand.attn) and [int(m.sum()) for m in mlp] == list(cand.mlp)
         apply_masks(model, self.arch, cfg, self.stats, attn, mlp)
         return model, attn, mlp
 

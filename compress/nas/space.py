@@ -18,6 +18,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from compress.prune.allocate import mlp_widths, snap_width
+
 
 @dataclass(frozen=True)
 class SpaceSpec:
@@ -57,8 +59,7 @@ class SpaceSpec:
 
     def mlp_widths(self) -> list[int]:
         """Allowed MLP widths of a present sub-block: multiples of the step, and F."""
-        widths = list(range(self.mlp_step, self.intermediate, self.mlp_step))
-        return widths + [self.intermediate]
+        return mlp_widths(self.intermediate, self.mlp_step)
 
     def dense_params(self) -> int:
         return self.params(Candidate((self.n_kv,) * self.n_layers, (self.intermediate,) * self.n_layers))
@@ -103,10 +104,6 @@ class Candidate:
     attn: tuple[int, ...]
     mlp: tuple[int, ...]
 
-    def keep_fractions(self, spec: SpaceSpec) -> tuple[list[float], list[float]]:
-        """``prune.attn_keep`` / ``prune.mlp_keep`` fractions that reproduce exactly this candidate."""
-        return [k / spec.n_kv for k in self.attn], [c / spec.intermediate for c in self.mlp]
-
     @property
     def n_active(self) -> int:
         """Number of present sub-blocks."""
@@ -118,8 +115,7 @@ class Candidate:
 
 def snap_mlp(spec: SpaceSpec, width: float) -> int:
     """The allowed present width nearest to ``width`` (≥ one step)."""
-    widths = spec.mlp_widths()
-    return min(widths, key=lambda w: (abs(w - width), w))
+    return snap_width(width, spec.intermediate, spec.mlp_step)
 
 
 def _step(spec: SpaceSpec, cand: Candidate, rng: random.Random, grow: bool) -> Candidate | None:

@@ -24,7 +24,7 @@ from compress.adapters import (
     present_linears,
 )
 from compress.calibration import ChannelStats, LayerStats, calibrate_layerwise
-from compress.prune.allocate import ModuleUnits, allocate, top_units
+from compress.prune.allocate import ModuleUnits, allocate, snap_width, top_units
 from compress.prune.scores import (
     fluctuation_scores,
     magnitude_scores,
@@ -90,20 +90,31 @@ def collect_statistics(
     return calibrate_layerwise(model, arch, calibration_ids, _watch(arch), None, batch_size, device, "statistics")
 
 
+def needs_statistics(cfg: PruneConfig) -> bool:
+    """Activation statistics are needed for the scores (FLAP, Wanda-sp) or for the compensation means."""
+    return cfg.method != "magnitude-sp" or bool(cfg.bias_compensation)
+
+
 def explicit_widths(
-    attn_keep: list[float], mlp_keep: list[float], n_kv: list[int], widths: list[int], mlp_step: int
+    cfg: PruneConfig, n_kv: list[int], widths: list[int]
 ) -> tuple[list[int], list[int]]:
-    """Per-layer kept unit counts from keep fractions: round(f·G) whole KV groups; f·F channels rounded to a
-    multiple of ``mlp_step`` (F itself when f = 1). A fraction > 0 keeps at least one unit (one step)."""
-    groups = [0 if f == 0 else max(1, round(f * g)) for f, g in zip(attn_keep, n_kv, strict=True)]
-    channels = []
-    for f, width in zip(mlp_keep, widths, strict=True):
-        if f >= 1.0:
-            channels.append(width)
-        elif f == 0:
-            channels.append(0)
-        else:
-            channels.append(min(width, max(mlp_step, mlp_step * round(f * width / mlp_step))))
+    """Per-layer kept unit counts of a config with explicit widths.
+
+    Counts (``attn_groups`` / ``mlp_channels``) are used as given (checked against the layer). Fractions: round(f·G)
+    whole KV groups and :func:`snap_width` (f·F) channels (F itself when f = 1); a fraction > 0 keeps ≥ one unit."""
+    if cfg.attn_groups is not None and cfg.mlp_channels is not None:
+        groups, channels = list(cfg.attn_groups), list(cfg.mlp_channels)
+        for field, counts, full in (("attn_groups", groups, n_kv), ("mlp_channels", channels, widths)):
+            for layer, (k, n) in enumerate(zip(counts, full, strict=True)):
+                if k > n:
+                    raise InputError(f"prune.{field}.{layer}: {k} but the layer has {n}")
+        return groups, channels
+    assert cfg.attn_keep is not None and cfg.mlp_keep is not None
+    groups = [0 if f == 0 else max(1, round(f * g)) for f, g in zip(cfg.attn_keep, n_kv, strict=True)]
+    channels = [
+        full if f >= 1.0 else 0 if f == 0 else snap_width(f * full, full, cfg.mlp_step)
+        for f, full in zip(cfg.mlp_keep, widths, strict=True)
+    ]
     return groups, channels
 
 
@@ -126,10 +137,10 @@ def plan_masks(
     stats: list[LayerStats] | list[None],
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Keep-masks (per layer: [n_kv] bool for attention, [F] bool for the MLP) from the method's scores and either
-    the allocation of ``cfg.structure`` or the explicit per-layer fractions ``cfg.attn_keep`` / ``cfg.mlp_keep``."""
+    the allocation of ``cfg.structure`` or the explicit per-layer widths (fractions or counts)."""
     layers = decoder_layers(model, arch)
     units = module_units(model, arch, cfg, stats)
-    if cfg.attn_keep is None or cfg.mlp_keep is None:
+    if not cfg.explicit:
         return allocate(
             cfg.structure or "AL-AM",
             [a for a, _ in units],
@@ -137,24 +148,21 @@ def plan_masks(
             cfg.ratio,
             cfg.attn_ratio,
             cfg.min_units,
+            cfg.uniform_rounding or "nearest",
         )
-    if len(cfg.attn_keep) != len(layers):
+    given = len(cfg.attn_keep if cfg.attn_keep is not None else cfg.attn_groups or [])
+    names = "attn_keep / mlp_keep" if cfg.attn_keep is not None else "attn_groups / mlp_channels"
+    if given != len(layers):
+        raise InputError(f"prune.{names}: expected {len(layers)} entries (one per decoder layer), got {given}")
+    groups, channels = explicit_widths(
+        cfg, [a.scores.numel() for a, _ in units], [m.scores.numel() for _, m in units]
+    )
+    if groups[0] == 0:
+        field = "attn_keep" if cfg.attn_keep is not None else "attn_groups"
         raise InputError(
-            f"prune.attn_keep / mlp_keep: expected {len(layers)} entries (one per decoder layer), "
-            f"got {len(cfg.attn_keep)}"
-        )
-    if cfg.attn_keep[0] == 0:
-        raise InputError(
-            "prune.attn_keep.0: the first layer's attention cannot be removed (the KV cache's length "
+            f"prune.{field}.0: the first layer's attention cannot be removed (the KV cache's length "
             "is read from layer 0)"
         )
-    groups, channels = explicit_widths(
-        cfg.attn_keep,
-        cfg.mlp_keep,
-        [a.scores.numel() for a, _ in units],
-        [m.scores.numel() for _, m in units],
-        cfg.mlp_step,
-    )
     attn = [top_units(a.scores, k) for (a, _), k in zip(units, groups, strict=True)]
     mlp = [top_units(m.scores, k) for (_, m), k in zip(units, channels, strict=True)]
     return attn, mlp
@@ -178,7 +186,7 @@ def prune_model(
     layouts = [attention_layout(model_config(model), layer, arch) for layer in layers]
     if any(is_skipped(layer, arch, name) for layer in layers for name in SUB_BLOCKS):
         raise InputError("prune: the model already has removed sub-blocks; prune it in a single prune/nas step")
-    needs_stats = cfg.method != "magnitude-sp"
+    needs_stats = needs_statistics(cfg)
     stats: list[LayerStats] | list[None] = [None] * len(layers)
     if needs_stats:
         if dense_stats is not None:
@@ -192,8 +200,12 @@ def prune_model(
         _apply_progressive(model, arch, cfg, calibration_ids, layouts, attn_keep, mlp_keep, batch_size, device)
     else:
         apply_masks(model, arch, cfg, stats, attn_keep, mlp_keep)
+    return {"method": cfg.method, **mask_summary(attn_keep, mlp_keep)}
+
+
+def mask_summary(attn_keep: list[Tensor], mlp_keep: list[Tensor]) -> dict[str, Any]:
+    """Provenance of keep-masks: kept KV groups and MLP widths per layer, and the removed sub-blocks."""
     return {
-        "method": cfg.method,
         "kv_groups": [int(k.sum()) for k in attn_keep],
         "intermediate_sizes": [int(k.sum()) for k in mlp_keep],
         "skipped": [
@@ -218,6 +230,18 @@ def apply_masks(
         _apply(layer, arch, cfg, attention_layout(config, layer, arch), st, a_keep, m_keep)
 
 
+def consumer_refit(cfg: PruneConfig, stats: LayerStats | None) -> tuple[Tensor | None, Tensor | None]:
+    """The consumer-refit point: what replaces the removed inputs of o_proj and down_proj.
+
+    Today FLAP's bias compensation (eq. 9): the mean inputs x̄ ([H·d_h] and [F]) that surgery folds into the
+    consumers' biases, b ← b + W[:, P]·x̄[P]; (None, None) when compensation is off."""
+    if not cfg.bias_compensation:
+        return None, None
+    if stats is None:
+        raise ValueError("bias compensation needs activation statistics")
+    return stats[O].mean, stats[DOWN].mean
+
+
 def _apply(
     layer: nn.Module,
     arch: Arch,
@@ -227,9 +251,9 @@ def _apply(
     attn_keep: Tensor,
     mlp_keep: Tensor,
 ) -> None:
-    compensate = bool(cfg.bias_compensation) and stats is not None
-    remove_kv_groups(layer, arch, layout, attn_keep, stats[O].mean if compensate and stats else None)
-    remove_mlp_channels(layer, arch, mlp_keep, stats[DOWN].mean if compensate and stats else None)
+    o_mean, down_mean = consumer_refit(cfg, stats)
+    remove_kv_groups(layer, arch, layout, attn_keep, o_mean)
+    remove_mlp_channels(layer, arch, mlp_keep, down_mean)
 
 
 def _apply_progressive(

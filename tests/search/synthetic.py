@@ -34,8 +34,8 @@ class SyntheticSession:
         prune = next((s.prune for s in recipe.steps if isinstance(s, PruneStep)), None)
         if prune is None:
             return [1.0] * self.num_layers, [1.0] * self.num_layers
-        if prune.attn_keep is not None and prune.mlp_keep is not None:
-            return list(prune.attn_keep), list(prune.mlp_keep)
+        if prune.attn_groups is not None and prune.mlp_channels is not None:
+            return [k / self.n_kv for k in prune.attn_groups], [c / self.intermediate_size for c in prune.mlp_channels]
         keep = 1 - prune.ratio
         # AL-AM keeps early layers wider (as FLAP tends to), at the same average
         tilt = 0.1 if prune.structure == "AL-AM" else 0.0

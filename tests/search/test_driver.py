@@ -60,7 +60,7 @@ def test_keep_space_seeds_use_the_session_allocation(tmp_path):
     assert params["attn_groups.L0-1"] == 3 and params["mlp_channels.L2-3"] == 64
     assert params["attn_skip.L2-3"] is False
     prune = session.recipes[0].steps[0].prune
-    assert prune.attn_keep == pytest.approx([1, 1, 1 / 3, 1 / 3])
+    assert prune.attn_groups == [3, 3, 1, 1]
     assert [o.dtypes for o in session.recipes[0].steps[1].quantize.overrides] == ["bitmod4"]
 
 

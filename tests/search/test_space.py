@@ -11,7 +11,7 @@ from search.space import (
     SpaceConfig,
     bit_overrides,
     distributions,
-    keep_fractions,
+    keep_counts,
     layer_blocks,
     overlay,
     summarize,
@@ -106,9 +106,8 @@ def test_overlay_per_block_widths_skips_and_bits():
     check_point(params, distributions(space, SHAPE), "test")
     recipe = overlay(BASE, params, space, SHAPE)
     prune = recipe["steps"][0]["prune"]
-    assert prune["attn_keep"] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
-    assert prune["mlp_keep"] == pytest.approx([2 / 3] * 3 + [1 / 3] * 3)
-    assert prune["mlp_step"] == 32
+    assert prune["attn_groups"] == [3, 3, 3, 0, 0, 0]  # integer counts: no fraction round trip
+    assert prune["mlp_channels"] == [64] * 3 + [32] * 3
     overrides = recipe["steps"][1]["quantize"]["overrides"]
     assert overrides == [
         {"match": r"^model\.layers\.(0|1)\.", "dtypes": "int8_asym"},
@@ -117,11 +116,11 @@ def test_overlay_per_block_widths_skips_and_bits():
         {"match": "down_proj", "dtypes": "int8_asym"},  # the base recipe's own override comes after
     ]
     assert summarize(params, SHAPE) == "attn 0.50 mlp 0.50 skip 3 3b×2 4b×2 8b×2 4bit=nf4"
-    parse_recipe(recipe)  # needs PruneConfig.attn_keep / mlp_keep
+    parse_recipe(recipe)  # needs PruneConfig.attn_groups / mlp_channels
 
 
-def test_keep_fractions_absent_without_width_params():
-    assert keep_fractions({"ratio": 0.2}, SHAPE) is None
+def test_keep_counts_absent_without_width_params():
+    assert keep_counts({"ratio": 0.2}, SHAPE) is None
     assert bit_overrides({}, SHAPE, SpaceConfig.model_validate({"bits": {}}).bits) == []
 
 

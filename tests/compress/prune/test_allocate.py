@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from compress.prune.allocate import ModuleUnits, allocate, allocate_global, top_units
+from compress.prune.allocate import (
+    ModuleUnits,
+    allocate,
+    allocate_global,
+    mlp_widths,
+    snap_width,
+    top_units,
+    uniform_count,
+)
 
 
 def t(*values: float) -> torch.Tensor:
@@ -64,6 +72,41 @@ def test_budget_met_within_one_unit(structure, ratio):
     assert (1 - ratio) * total - 1e-6 <= kept + (slack if structure == "UL-MM" else 0)
     assert kept <= (1 - ratio) * total + slack
     assert all(int(k.sum()) >= 1 for k in a_masks + m_masks)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "nearest", "floor"), [(0.2, 2, 3), (0.3, 2, 3), (0.5, 2, 2), (0.7, 1, 1), (0.0, 3, 3)]
+)
+def test_uniform_count_floor_is_the_wanda_sp_reference(ratio, nearest, floor):
+    # reference: thresh = sort(score)[int(ratio·n)]; keep score ≥ thresh → removes int(ratio·n) of n units
+    assert uniform_count(3, ratio, "nearest") == nearest
+    assert uniform_count(3, ratio, "floor") == floor
+    assert uniform_count(1536, 0.3, "floor") == 1536 - int(0.3 * 1536)
+
+
+def test_ul_mm_with_floor_keeps_all_groups_at_20_percent_and_spends_the_budget_on_the_mlp():
+    attn, mlp = _smollm_like()
+    a_masks, m_masks = allocate("UL-MM", attn, mlp, 0.2, rounding="floor")
+    assert {int(k.sum()) for k in a_masks} == {3}
+    total = sum(m.cost * m.scores.numel() for m in attn + mlp)
+    kept = sum(int(k.sum()) * m.cost for k, m in zip(a_masks + m_masks, attn + mlp, strict=True))
+    assert abs(kept - 0.8 * total) <= 3 * 576 * len(mlp)
+
+
+def test_min_units_zero_removes_whole_modules_but_never_layer_0_attention():
+    attn = [ModuleUnits(t(-9.0, -8.0), 10), ModuleUnits(t(-9.0, -8.0), 10)]
+    mlp = [ModuleUnits(t(1.0, 2.0, 3.0), 1), ModuleUnits(t(1.0, 2.0, 3.0), 1)]
+    a_masks, m_masks = allocate("AL-AM", attn, mlp, ratio=1 - 16 / 46, min_units=0)
+    assert a_masks[0].tolist() == [False, True]  # the layer-0 guard keeps its best group
+    assert a_masks[1].tolist() == [False, False]  # removed by the threshold
+    assert [int(m.sum()) for m in m_masks] == [3, 3]
+    a_masks, _ = allocate("AL-AM", attn, mlp, ratio=1 - 16 / 46, min_units=1)
+    assert [int(a.sum()) for a in a_masks] == [1, 1]
+
+
+def test_snap_width_nearest_allowed_width():
+    assert mlp_widths(100, 32) == [32, 64, 96, 100]
+    assert [snap_width(w, 100, 32) for w in (0, 47, 48, 49, 99, 500)] == [32, 32, 32, 64, 100, 100]
 
 
 def test_uniform_structures_give_every_layer_the_same_width():

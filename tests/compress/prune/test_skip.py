@@ -31,9 +31,24 @@ def tokenizer(tmp_path_factory):
 
 
 def test_explicit_widths_snap_to_groups_and_steps():
-    groups, channels = explicit_widths([1.0, 0.5, 0.0, 0.1], [1.0, 0.5, 0.0, 0.01], [3, 3, 3, 3], [96] * 4, 32)
+    cfg = PruneConfig(attn_keep=[1.0, 0.5, 0.0, 0.1], mlp_keep=[1.0, 0.5, 0.0, 0.01])
+    groups, channels = explicit_widths(cfg, [3, 3, 3, 3], [96] * 4)
     assert groups == [3, 2, 0, 1]  # round(1.5) = 2 (banker's rounding), a positive fraction keeps ≥ 1 group
-    assert channels == [96, 32 * round(48 / 32), 0, 32]
+    assert channels == [96, 32, 0, 32]  # 48 is halfway between 32 and 64: ties go to the narrower width
+
+
+def test_explicit_counts_are_used_as_given():
+    cfg = PruneConfig(attn_groups=[3, 1, 0, 2], mlp_channels=[96, 40, 0, 7])
+    assert explicit_widths(cfg, [3] * 4, [96] * 4) == ([3, 1, 0, 2], [96, 40, 0, 7])
+    with pytest.raises(InputError, match="prune.mlp_channels.1: 100 but the layer has 96"):
+        explicit_widths(PruneConfig(attn_groups=[3, 3], mlp_channels=[96, 100]), [3, 3], [96, 96])
+
+
+def test_widths_as_fractions_or_counts_not_both():
+    with pytest.raises(ValueError, match="not both"):
+        PruneConfig(attn_keep=[1.0], mlp_keep=[1.0], attn_groups=[3], mlp_channels=[96])
+    with pytest.raises(ValueError, match="attn_groups and mlp_channels must be given together"):
+        PruneConfig(attn_groups=[3])
 
 
 def test_skipped_mlp_with_mean_is_exact_for_constant_inputs():
@@ -77,6 +92,8 @@ def test_first_layer_attention_cannot_be_removed():
     model = build_tiny("llama", num_hidden_layers=2)
     with pytest.raises(InputError, match="attn_keep.0"):
         prune_model(model, arch_for(model.config), PruneConfig(attn_keep=[0.0, 1.0], mlp_keep=[1.0, 1.0]), CAL)
+    with pytest.raises(InputError, match="attn_groups.0"):
+        prune_model(model, arch_for(model.config), PruneConfig(attn_groups=[0, 3], mlp_channels=[96, 96]), CAL)
 
 
 def test_wrong_number_of_layers_is_an_input_error():
