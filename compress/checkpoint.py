@@ -6,7 +6,7 @@ Layout of a checkpoint directory:
     modeling_secateurs.py    builds the base architecture and resizes its layers (remote code for transformers)
     tokenizer files, generation_config.json
     secateurs.json           provenance: recipe, seed, versions, data hashes, tensor hashes, sizes, evaluation
-    README.md                model card generated from secateurs.json
+    README.md                Hub model card generated from secateurs.json (``compress.card``)
 
 Everything is written to a temporary sibling directory and renamed into place: a failure leaves nothing behind.
 """
@@ -29,6 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from compress.adapters import Arch, decoder_layers, model_config, skipped_sub_blocks
+from compress.card import model_card, push_to_hub  # noqa: F401  # push_to_hub: re-exported (pipeline, tests)
 from compress.prune.surgery import layer_shapes
 from compress.quantize import dequantize_model, quant_linears
 from quant.errors import InputError
@@ -190,62 +191,3 @@ def load_checkpoint_model(folder: Path, dtype: torch.dtype = torch.float32) -> n
 def read_provenance(folder: Path) -> dict[str, Any]:
     path = folder / PROVENANCE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def model_card(record: dict[str, Any]) -> str:
-    """A Hub model card (README.md) generated from the provenance record."""
-    recipe = record.get("recipe", {})
-    sizes = record.get("sizes", {})
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [secateurs, pruned, structured-pruning]",
-        f"base_model: {record.get('base_model', 'unknown')}",
-        "---",
-        "",
-        f"# {record.get('base_model', 'model')} compressed with Secateurs",
-        "",
-        f"Steps: {', '.join(record.get('steps_summary', [])) or 'none'}.",
-        f"Parameters: {sizes.get('params_after', '?'):,} (dense {sizes.get('params_before', '?'):,})."
-        if isinstance(sizes.get("params_after"), int)
-        else "",
-        "",
-        "Load it with plain transformers (the pruned layers have per-layer shapes, built by `modeling_secateurs.py`):",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
-        "```",
-        "",
-        "## Evaluation",
-        "",
-    ]
-    lines += _evaluation_table(record.get("evaluation", {}))
-    lines += ["", "## Recipe", "", "```json", json.dumps(recipe, indent=2, sort_keys=True), "```", ""]
-    return "\n".join(lines)
-
-
-def _evaluation_table(evaluation: dict[str, Any]) -> list[str]:
-    rows = evaluation.get("rows", [])
-    if not rows:
-        return ["(no evaluation recorded)"]
-    out = ["| metric | dense | compressed | recovery |", "|---|---|---|---|"]
-    for row in rows:
-        out.append(f"| {row['metric']} | {row.get('dense', '')} | {row['compressed']} | {row.get('recovery', '')} |")
-    protocol = evaluation.get("protocol")
-    if protocol:
-        out += ["", f"Protocol: `{json.dumps(protocol, sort_keys=True)}`"]
-    return out
-
-
-def push_to_hub(folder: Path, repo_id: str) -> str:
-    """Upload a checkpoint folder; a clear error when the Hub cannot be reached."""
-    try:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id)
-    except Exception as err:  # huggingface_hub raises many types for network/auth failures
-        raise InputError(f"output.push_to_hub {repo_id!r}: upload failed (offline or not logged in?): {err}") from err
-    return f"https://huggingface.co/{repo_id}"

@@ -15,6 +15,7 @@ from torch import nn
 from compress.adapters import arch_for
 from compress.checkpoint import load_checkpoint_model, prepare_output, push_to_hub, tensor_sha256, write_checkpoint
 from compress.corpus import calibration_batches, corpus_fingerprint, load_documents
+from compress.eval_cache import cached_evaluation
 from compress.evaluate import comparison_rows, evaluate_model
 from compress.loading import load_model
 from compress.prune.pruner import count_parameters, prunable_parameters
@@ -70,7 +71,7 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     if ev is not None and ev.dense_baseline:
         clock = time.perf_counter()
         log.info("evaluating the dense model")
-        dense_eval = evaluate_model(model, tokenizer, ev.perplexity, ev.lm_eval, cfg.seed)
+        dense_eval = cached_evaluation(model, tokenizer, ev.perplexity, ev.lm_eval, cfg.seed)
         timings["evaluate_dense"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -101,6 +102,8 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     def verify(folder: Path) -> dict[str, Any]:
         report["reload_max_abs_logit_diff"] = reload_logit_difference(model, folder, probe)
         report["timings_seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    if dense_eval is not None:
+        report["dense_baseline_cache"] = dense_eval["cache"]  # report only: secateurs.json stays run-independent
         return {
             "report.json": json.dumps(report, indent=2, sort_keys=True) + "\n",
             "report.md": report_markdown(report),
@@ -125,8 +128,11 @@ def evaluate_against(
     return {
         "compressed": result["metrics"],
         "dense": dense_metrics,
-        "rows": comparison_rows(dense_metrics, result["metrics"]),
+        "compressed_stderr": result.get("stderr", {}),
+        "dense_stderr": dense_stderr,
+        "rows": comparison_rows(dense_metrics, result["metrics"], dense_stderr, result.get("stderr")),
         "protocol": result["protocol"],
+    dense_stderr = dense_eval.get("stderr") if dense_eval else None
     }
 
 

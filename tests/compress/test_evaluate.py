@@ -1,0 +1,40 @@
+"""lm-eval results → metrics and stderr; comparison rows mark differences within one standard error."""
+
+import math
+
+from compress.evaluate import comparison_rows, split_lm_eval_results, within_one_stderr
+
+
+def test_split_keeps_stderr_and_drops_na():
+    results = {
+        "mc": {
+            "alias": "mc",
+            "acc,none": 0.4,
+            "acc_stderr,none": 0.02,
+            "acc_norm,none": 0.5,
+            "acc_norm_stderr,none": "N/A",
+        },
+        "ppl": {"word_perplexity,none": 30.0, "word_perplexity_stderr,none": "N/A", "sample_len,none": 10},
+    }
+    metrics, stderr = split_lm_eval_results(results)
+    assert metrics == {"mc/acc": 0.4, "mc/acc_norm": 0.5, "ppl/word_perplexity": 30.0}
+    assert stderr == {"mc/acc": 0.02}
+
+
+def test_within_one_stderr_uses_the_difference_standard_error():
+    se = math.sqrt(0.03**2 + 0.04**2)  # 0.05
+    assert within_one_stderr(0.50, 0.50 - 0.9 * se, 0.03, 0.04)
+    assert not within_one_stderr(0.50, 0.50 - 1.1 * se, 0.03, 0.04)
+
+
+def test_rows_carry_stderr_and_the_verdict():
+    rows = comparison_rows(
+        {"mc/acc": 0.45, "mc/f1": 0.60, "heldout/perplexity": 10.0},
+        {"mc/acc": 0.44, "mc/f1": 0.40, "heldout/perplexity": 12.5},
+        {"mc/acc": 0.02, "mc/f1": 0.02},
+        {"mc/acc": 0.02, "mc/f1": 0.02},
+    )
+    by = {r["metric"]: r for r in rows}
+    assert by["mc/acc"]["within_stderr"] is True and by["mc/acc"]["dense_stderr"] == 0.02
+    assert by["mc/f1"]["within_stderr"] is False
+    assert "within_stderr" not in by["heldout/perplexity"] and by["heldout/perplexity"]["recovery"] == 0.8
