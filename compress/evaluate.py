@@ -24,7 +24,6 @@ log = logging.getLogger("secateurs")
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "ppl")
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class LmEvalOptions:
     """lm-eval settings outside the recipe (``secateurs eval`` flags); recorded in the protocol when set."""
@@ -34,6 +33,7 @@ class LmEvalOptions:
     apply_chat_template: bool = False
 
 
+@torch.no_grad()
 def perplexity(model: nn.Module, tokenizer: Any, cfg: PerplexityConfig) -> dict[str, Any]:
     """exp(mean next-token NLL) over non-overlapping windows [n, seq_len] of ``cfg.data`` (seq_len − 1 targets
     per window; no context carried between windows)."""

@@ -98,12 +98,12 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     clock = time.perf_counter()
     probe = calibration[:2] if calibration is not None else tokenizer("Secateurs", return_tensors="pt").input_ids
     report: dict[str, Any] = {**provenance}
+    if dense_eval is not None:
+        report["dense_baseline_cache"] = dense_eval["cache"]  # report only: secateurs.json stays run-independent
 
     def verify(folder: Path) -> dict[str, Any]:
         report["reload_max_abs_logit_diff"] = reload_logit_difference(model, folder, probe)
         report["timings_seconds"] = {k: round(v, 2) for k, v in timings.items()}
-    if dense_eval is not None:
-        report["dense_baseline_cache"] = dense_eval["cache"]  # report only: secateurs.json stays run-independent
         return {
             "report.json": json.dumps(report, indent=2, sort_keys=True) + "\n",
             "report.md": report_markdown(report),
@@ -125,6 +125,7 @@ def evaluate_against(
     """Evaluate the compressed model and compare with the dense results (recovery per metric)."""
     result = evaluate_model(model, tokenizer, ev.perplexity, ev.lm_eval, seed)
     dense_metrics = dense_eval["metrics"] if dense_eval else None
+    dense_stderr = dense_eval.get("stderr") if dense_eval else None
     return {
         "compressed": result["metrics"],
         "dense": dense_metrics,
@@ -132,7 +133,6 @@ def evaluate_against(
         "dense_stderr": dense_stderr,
         "rows": comparison_rows(dense_metrics, result["metrics"], dense_stderr, result.get("stderr")),
         "protocol": result["protocol"],
-    dense_stderr = dense_eval.get("stderr") if dense_eval else None
     }
 
 
