@@ -151,17 +151,48 @@ class QuantizeConfig(Strict):
     ``group_size`` consecutive input weights of a row picks the member with the lowest error. ``modules`` is a
     regex on the linear's path inside a decoder layer (e.g. "self_attn\\..*"). lm_head and embeddings are never
     quantized (they are tied in SmolLM2).
+
+    ``method``: rtn (round to nearest), gptq (error compensation with the Hessian 2XXᵀ of calibration inputs),
+    awq (per-input-channel scales folded into the preceding norm/linear, plus clip search), awq+gptq (both).
+    ``type_choice: ex2_weighted`` weights the per-group datatype choice by E[x_j²] (the old recipe key
+    ``activation_aware: true``); GPTQ always weights it by its own loss 1/[H⁻¹]_jj. ``scale_bits: 8`` stores
+    double-quantized group scales (the group choice already uses the 8-bit scales, so nothing changes on load).
     """
 
     dtypes: str = "bitmod4"
     group_size: int | None = Field(128, ge=1, description="None = one group per output channel")
     shrink_factors: list[float] = Field(default_factory=lambda: [1.0])
-    activation_aware: bool = False
+    method: Literal["rtn", "gptq", "awq", "awq+gptq"] = "rtn"
+    type_choice: Literal["plain", "ex2_weighted"] = "plain"
+    scale_bits: Literal[16, 8] = 16
+    damp: float = Field(0.01, ge=0.0, description="GPTQ dampening, as a fraction of mean(diag H)")
+    act_order: bool = False
+    awq_grid: int = Field(20, ge=1, description="AWQ: number of α values tried (and clip ratios per unit)")
+    awq_tokens: int = Field(2048, ge=16, description="AWQ: sampled calibration tokens for the scale search")
+    awq_clip: bool = True
     modules: str = ".*"
     overrides: list[QuantOverride] = Field(default_factory=list)
     export: Literal["packed", "dequantized"] = "packed"
 
     _known = field_validator("dtypes")(classmethod(lambda cls, v: _known_dtypes(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_activation_aware(cls, data: Any) -> Any:
+        """The old key ``activation_aware`` (an E[x²]-weighted type choice) maps onto ``type_choice``."""
+        if isinstance(data, dict) and "activation_aware" in data:
+            data = dict(data)
+            if data.pop("activation_aware"):
+                if data.get("type_choice", "ex2_weighted") != "ex2_weighted":
+                    raise ValueError("activation_aware (old name of type_choice: ex2_weighted) contradicts type_choice")
+                data["type_choice"] = "ex2_weighted"
+        return data
+
+    @property
+    def activation_aware(self) -> bool:
+        """Whether this step reads calibration activations (E[x²]-weighted choice, AWQ or GPTQ)."""
+        return self.method != "rtn" or self.type_choice == "ex2_weighted"
+
 
 
 class QuantizeStep(Strict):

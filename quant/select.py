@@ -6,11 +6,12 @@ candidate type t of the set (and shrink factor α):
     symmetric:   s_t = α · max_j |w_j| / max|grid_t|,   ŵ_j = s_t · nearest_t(w_j / s_t)
     asymmetric:  s = α · (max(w⁺) − min(w⁻)) / (2^b − 1),   z = clamp(round(−α·min(w⁻) / s), 0, 2^b − 1),
                  ŵ_j = s · (clamp(round(w_j / s), −z, 2^b − 1 − z))        (w⁺ = max(w, 0), w⁻ = min(w, 0))
-    error:       E_t = Σ_j c_j (w_j − ŵ_j)²,   c_j = E[x_j²] (activation-aware) or 1
+    error:       E_t = Σ_j c_j (w_j − ŵ_j)²,   c_j = E[x_j²] (the "E[x²]-weighted" choice), 1/[H⁻¹]_jj (GPTQ) or 1
 
 and each group keeps argmin_t E_t (ties → the lower type id, then the first shrink factor). Rounding is to the
 nearest grid value with ties → smaller magnitude. The scale is rounded to fp16 *before* quantising, so the
-choice is judged on exactly what is stored and what :func:`cuda_ext.reference.dequantize` rebuilds.
+choice is judged on exactly what is stored and what :func:`cuda_ext.reference.dequantize` rebuilds; with 8-bit
+(double-quantized) scales the scale is snapped onto the layer's scale grid (:mod:`quant.storage`) instead.
 Asymmetric ranges include 0 (the GPTQ convention), so zero is exact and constant groups stay representable.
 """
 
@@ -24,6 +25,7 @@ import torch
 from quant.datatypes import Datatype, DatatypeSet, get_datatype_set
 from quant.errors import InputError
 from quant.pack import QuantizedWeight
+from quant.storage import snap_scales
 
 FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a group of zeros gets this scale
 FP16_MAX_SCALE = 65504.0
@@ -121,12 +123,19 @@ def _round_half_toward_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.ceil(x.abs() - 0.5)
 
 
-def _quantize_symmetric(wg: torch.Tensor, dtype: Datatype, shrink: float) -> Candidate:
+def _stored_scale(scale: torch.Tensor, ceiling: torch.Tensor | None, pow2: bool = False) -> torch.Tensor:
+    """fp16 as stored: the fp16 rounding, or the nearest point of the 8-bit scale grid below ``ceiling``."""
+    return _fp16_scale(scale, pow2) if ceiling is None else snap_scales(scale, ceiling)[1]
+
+
+def _quantize_symmetric(
+    wg: torch.Tensor, dtype: Datatype, shrink: float, ceiling: torch.Tensor | None = None
+) -> Candidate:
     """s = α·absmax/max|grid| (MX: rounded up to 2^k), ŵ = s·nearest(w/s). wg: [out, g, G]."""
     scale = wg.abs().amax(-1) * (shrink / dtype.max_abs)
     if dtype.pow2_scale:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    scales = _fp16_scale(scale, dtype.pow2_scale)
+    scales = _stored_scale(scale, ceiling, dtype.pow2_scale)
     s = scales.float().unsqueeze(-1)
     levels = dtype.distinct_values  # distinct values are codes 0..n−1 in order
     codes = _nearest_level(wg / s, levels)
@@ -134,12 +143,14 @@ def _quantize_symmetric(wg: torch.Tensor, dtype: Datatype, shrink: float) -> Can
     return codes, scales, None, w_hat
 
 
-def _quantize_asymmetric(wg: torch.Tensor, dtype: Datatype, shrink: float) -> Candidate:
+def _quantize_asymmetric(
+    wg: torch.Tensor, dtype: Datatype, shrink: float, ceiling: torch.Tensor | None = None
+) -> Candidate:
     """s = α·(max − min)/(2^b − 1), z = round(−α·min/s), ŵ = (c − z)·s with c = clamp(round(w/s) + z)."""
     qmax = float(2**dtype.bits - 1)
     wmin = wg.amin(-1).clamp(max=0) * shrink
     wmax = wg.amax(-1).clamp(min=0) * shrink
-    scales = _fp16_scale((wmax - wmin) / qmax)
+    scales = _stored_scale((wmax - wmin) / qmax, ceiling)
     s = scales.float()
     zero = torch.round(-wmin / s).clamp(0, qmax).unsqueeze(-1)  # integer-valued, exact in fp16
     q = torch.clamp(_round_half_toward_zero(wg / s.unsqueeze(-1)), -zero, qmax - zero)
@@ -147,10 +158,32 @@ def _quantize_asymmetric(wg: torch.Tensor, dtype: Datatype, shrink: float) -> Ca
     return codes.to(torch.uint8), scales, zero.squeeze(-1).half(), (codes - zero) * s.unsqueeze(-1)
 
 
-def _quantize_candidate(wg: torch.Tensor, dtype: Datatype, shrink: float) -> Candidate:
+def _quantize_candidate(
+    wg: torch.Tensor, dtype: Datatype, shrink: float, ceiling: torch.Tensor | None = None
+) -> Candidate:
     if dtype.asymmetric:
-        return _quantize_asymmetric(wg, dtype, shrink)
-    return _quantize_symmetric(wg, dtype, shrink)
+        return _quantize_asymmetric(wg, dtype, shrink, ceiling)
+    return _quantize_symmetric(wg, dtype, shrink, ceiling)
+
+
+def scale_bound(
+    W: torch.Tensor, dtset: DatatypeSet | str, group_size: int | None = 128, shrink_factors: Sequence[float] = (1.0,)
+) -> torch.Tensor:
+    """The largest scale any candidate of :func:`choose_group_datatypes` can want, float32 [out, n_groups]
+    (max over members and shrink factors): what the 8-bit scale grid's ceiling is built from."""
+    dtset = _resolve_set(dtset)
+    _check_weight(W)
+    G = _resolve_group_size(group_size, W.shape[1], dtset)
+    wg = _grouped(W, G, -(-W.shape[1] // G))
+    alpha = max(float(a) for a in shrink_factors)
+    bounds = []
+    for dtype in dtset.members:
+        if dtype.asymmetric:
+            span = wg.amax(-1).clamp(min=0) - wg.amin(-1).clamp(max=0)
+            bounds.append(span * alpha / float(2**dtype.bits - 1))
+        else:
+            bounds.append(wg.abs().amax(-1) * (alpha / dtype.max_abs))
+    return torch.stack(bounds).amax(0)
 
 
 def choose_group_datatypes(
@@ -159,11 +192,13 @@ def choose_group_datatypes(
     group_size: int | None = 128,
     shrink_factors: Sequence[float] = (1.0,),
     channel_weights: torch.Tensor | None = None,
+    scale_ceiling: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantise W choosing, per group, the member type (and shrink factor) of least weighted error.
 
     W: float [out, in]; group_size: G, or None for per-channel (G = in); a ragged last group is allowed.
     channel_weights: [in] ≥ 0, the c_j of E_t = Σ_j c_j (w_j − ŵ_j)² (None → 1).
+    scale_ceiling: float32 [out, n_groups], the 8-bit scale grid's ceiling per group (None: fp16 scales).
     Returns codes uint8 [out, in]; type_ids uint8, scales fp16, zeros fp16 (asymmetric sets): [out, n_groups].
     """
     dtset = _resolve_set(dtset)
@@ -174,10 +209,17 @@ def choose_group_datatypes(
     n_groups = -(-in_features // G)
     wg = _grouped(W, G, n_groups)
     c = _group_channel_weights(channel_weights, W, G, n_groups)
+    if scale_ceiling is not None and (
+        scale_ceiling.shape != (out_features, n_groups) or any(m.pow2_scale for m in dtset.members)
+    ):
+        raise InputError(
+            f"scale_ceiling: expected [{out_features}, {n_groups}] and a set without power-of-two scales "
+            f"({dtset.name}), got {tuple(scale_ceiling.shape)}"
+        )
     best: list[torch.Tensor] | None = None  # [err, codes, type_ids, scales, zeros]
     for type_id, dtype in enumerate(dtset.members):
         for shrink in shrink_factors:
-            codes, scales, zeros, w_hat = _quantize_candidate(wg, dtype, float(shrink))
+            codes, scales, zeros, w_hat = _quantize_candidate(wg, dtype, float(shrink), scale_ceiling)
             err = ((wg - w_hat).square() * c).sum(-1)  # [out, n_groups]
             zeros = torch.zeros_like(scales) if zeros is None else zeros
             cand = [err, codes, torch.full_like(codes[..., 0], type_id), scales, zeros]
