@@ -8,6 +8,10 @@
   each step; later processes reuse the build.
 - :func:`load_extension` returns the prebuilt ``cuda_ext._C`` if importable, else that JIT build (first use
   compiles, with a logged message), else None; :func:`unavailable_reason` then says why.
+
+The CPU extension (``cuda_ext/csrc/cpu``: AVX2/AVX-512 kernels chosen at run time, a portable fallback; any CPU
+with a C++17 compiler) is built by the same command (:func:`cpu_build`), ahead of time, into the folder of
+:func:`cuda_ext.cpu_impl.cache_dir`, where ``cuda_ext.cpu_impl`` loads it from.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -149,16 +154,52 @@ def _load() -> tuple[ModuleType | None, str]:
         return None, f"JIT build failed: {type(exc).__name__}: {exc}"
 
 
+def cpu_build(verbose: bool = False) -> ModuleType:
+    """Compile (or reuse) the CPU extension in :func:`cuda_ext.cpu_impl.cache_dir`. Raises on failure."""
+    from torch.utils import cpp_extension
+
+    from cuda_ext import cpu_impl
+
+    if cpu_impl.JIT_NAME in sys.modules:
+        return sys.modules[cpu_impl.JIT_NAME]
+    build_dir = cpu_impl.cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("building the CPU extension %s in %s", cpu_impl.JIT_NAME, build_dir)
+    module = cpp_extension.load(
+        name=cpu_impl.JIT_NAME,
+        sources=[str(cpu_impl.CSRC / s) for s in cpu_impl.SOURCES],
+        extra_cflags=cpu_impl.CXX_FLAGS,
+        extra_ldflags=cpu_impl.LD_FLAGS,
+        build_directory=str(build_dir),
+        with_cuda=False,
+        verbose=verbose,
+    )
+    sys.modules.setdefault(cpu_impl.JIT_NAME, module)
+    return module
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cuda_ext.build [-v]``: build into the cache; exit 0 built, 1 failed, 2 cannot build."""
+    """``python -m cuda_ext.build [-v] [--cpu]``: build the CPU extension, then (unless ``--cpu``) the CUDA one
+    where it can build. Exit 0: built (a CUDA build that cannot run here is logged, not failed); 1: a build failed.
+    """
     argv = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    started = time.perf_counter()
+    try:
+        module = cpu_build(verbose=verbose)
+    except Exception as exc:
+        logger.error("CPU extension build failed: %s: %s", type(exc).__name__, exc)
+        return 1
+    print(f"CPU extension {module.__name__} ready in {time.perf_counter() - started:.0f} s: {module.__file__}")
+    if "--cpu" in argv:
+        return 0
     blocker = build_blocker()
     if blocker is not None:
-        logger.error("cannot build the CUDA extension: %s", blocker)
-        return 2
+        logger.info("CUDA extension not built: %s", blocker)
+        return 0
     try:
-        module = jit_build(verbose="-v" in argv or "--verbose" in argv)
+        module = jit_build(verbose=verbose)
     except Exception as exc:
         logger.error("CUDA extension build failed: %s: %s", type(exc).__name__, exc)
         return 1

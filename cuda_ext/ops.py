@@ -5,12 +5,15 @@ reference (:mod:`cuda_ext.reference`, any device) and a ``register_fake`` shape 
 ``torch.compile`` trace it. When CUDA is present, ``cuda_ext.cuda_impl.register(dequantize, quant_matmul)``
 adds CUDA kernels under the same names (``op.register_kernel("cuda")``), so call sites never branch on the
 device. Without CUDA, or when that registration fails, the toolkit logs once and keeps the reference.
+Likewise ``cuda_ext.cpu_impl.register`` adds the C++ CPU kernels (``op.register_kernel("cpu")``) when the CPU
+extension is built (``python -m cuda_ext.build``).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import sys
 
 import torch
 
@@ -114,6 +117,20 @@ def backend() -> str:
     return _backend
 
 
+def cpu_backend() -> str:
+    """Which implementation the ops dispatch to on CPU tensors: "cpu-kernels" or "torch-reference"."""
+    cpu_impl = sys.modules.get("cuda_ext.cpu_impl")
+    return "cpu-kernels" if cpu_impl is not None and cpu_impl.available() else "torch-reference"
+
+
+def _register_cpu_kernels() -> None:
+    """The C++ CPU kernels (``cuda_ext.cpu_impl``); it logs once itself when they are unavailable."""
+    try:
+        importlib.import_module("cuda_ext.cpu_impl").register(dequantize, quant_matmul)
+    except Exception as exc:  # an import error must not break the reference
+        logger.info("CPU kernels unavailable → torch reference (%s: %s)", type(exc).__name__, exc)
+
+
 def _init_backend() -> None:
     global _backend
     reason = _register_cuda_kernels()
@@ -127,3 +144,4 @@ def _init_backend() -> None:
 
 
 _init_backend()  # module import runs once per process, so the message is logged once
+_register_cpu_kernels()

@@ -16,11 +16,27 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-import cuda_ext  # noqa: F401  (registers torch.ops.secateurs.*)
+import cuda_ext  # registers torch.ops.secateurs.*
+from cuda_ext import cpu_impl
 from quant.pack import PackedWeight, QuantizedWeight, pack_weight
 
 # Buffers whose dtype is part of the format: Module.to(dtype) / .half() must not convert them.
 FORMAT_BUFFERS = ("weight", "type_ids", "scales", "zeros", "tables")
+
+
+def _fused_max_batch(device: torch.device) -> int:
+    """Rows of x up to which ``quant_matmul`` fuses dequantisation into a GEMV on ``device`` (0: never)."""
+    if device.type == "cpu":
+        return cpu_impl.fused_max_batch()
+    return 8 if device.type == "cuda" and cuda_ext.backend() == "cuda" else 0  # CUDA: SECATEURS_MAX_GEMV_BATCH
+
+
+def cache_dequantized_weights(model: nn.Module, enabled: bool = True) -> int:
+    """:meth:`QuantLinear.cache_dequantized` on every QuantLinear of ``model``; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.cache_dequantized(enabled)
+    return len(layers)
 
 
 class QuantLinear(nn.Module):
@@ -98,12 +114,37 @@ class QuantLinear(nn.Module):
         return self.zeros is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in] → [..., out] in x.dtype."""
-        y = torch.ops.secateurs.quant_matmul(
-            x, self.planes, self.type_ids, self.scales, self.zeros, self.tables,
-            self.in_features, self.group_size,
-        )  # fmt: skip
+        """x: [..., in] → [..., out] in x.dtype.
+
+        ``quant_matmul`` runs the fused dequant-GEMV for at most ``fused_max_batch`` rows of x (CPU and CUDA
+        kernels) and dequantise-then-matmul above; with :meth:`cache_dequantized` on, the latter reuses a cached Ŵ.
+        """
+        cached = self._cached_weight(x)
+        if cached is not None:
+            y = x @ cached.T  # the op's own computation above the fused threshold, minus the dequantisation
+        else:
+            y = torch.ops.secateurs.quant_matmul(
+                x, self.planes, self.type_ids, self.scales, self.zeros, self.tables,
+                self.in_features, self.group_size,
+            )  # fmt: skip
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def cache_dequantized(self, enabled: bool = True) -> None:
+        """Keep Ŵ in x.dtype between calls for inputs above the fused-GEMV batch (prefill): trades the memory of a
+        dense weight for the dequantisation time. Results are unchanged; the cache follows buffer updates."""
+        self._weight_cache_on = enabled
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _cached_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not getattr(self, "_weight_cache_on", False) or torch.compiler.is_compiling():
+            return None
+        if x.numel() // max(self.in_features, 1) <= _fused_max_batch(x.device):
+            return None
+        buffers = (self.weight, self.type_ids, self.scales, self.zeros, self.tables)
+        key = (x.dtype, x.device, *((t.data_ptr(), t._version) for t in buffers if t is not None))
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self.dequantized_weight(x.dtype).to(x.device))
+        return self._weight_cache[1]
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Ŵ: dtype [out, in] (float32 = the exact product before any rounding)."""

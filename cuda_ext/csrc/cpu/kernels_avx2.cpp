@@ -1,0 +1,216 @@
+// AVX2 + FMA + BMI2 CPU kernels for 2/3/4-bit codes, compiled with function target attributes and chosen at run
+// time (avx2_supported), so one build runs on any x86-64 CPU and the portable kernels serve the others.
+//
+// One 32-code word at a time (a word lies in one group, so one per-group table serves its 32 codes):
+//  1. BMI2 pdep spreads bit i of plane k to bit 4i + k: two uint64 hold the 32 codes as nibbles.
+//  2. Per 8 codes: broadcast 32 bits of nibbles, shift lane l right by 4l (vpsrlvd), look the code up in the
+//     per-group table with vpermps (it reads the low 3 bits; a 16-entry table is two 8-entry halves and a blend on
+//     bit 3, moved to the sign bit). The table already holds (tables[t, c] - z) * s, so a looked-up value is
+//     bit-identical to the reference's fp32 weight; only the GEMV's summation order differs from x @ W^T.
+#include <algorithm>
+#include <cstring>
+
+#include "bitplane_cpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SECATEURS_X86 1
+#define SECATEURS_AVX2 __attribute__((target("avx2,fma,bmi2,f16c")))
+#else
+#define SECATEURS_X86 0
+#define SECATEURS_AVX2
+#endif
+
+namespace secateurs_cpu {
+
+bool avx2_covers(const PackedView& p) {
+  const bool word_in_one_group = p.group_size % kWordBits == 0 || p.n_groups == 1;
+  return (p.bits == 2 || p.bits == 3 || p.bits == 4) && word_in_one_group;
+}
+
+#if SECATEURS_X86
+
+bool avx2_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+         __builtin_cpu_supports("f16c");
+}
+
+namespace {
+
+constexpr uint64_t kNibbleMask = 0x1111111111111111ULL;
+
+// nibbles[0]: codes 0..15 of the word (code j in bits 4j..4j+3), nibbles[1]: codes 16..31.
+template <int BITS>
+SECATEURS_AVX2 inline void nibble_codes(const uint32_t* word, int64_t plane_stride, uint64_t nibbles[2]) {
+  uint64_t lo = 0, hi = 0;
+  for (int k = 0; k < BITS; ++k) {
+    const uint32_t bits = word[k * plane_stride];
+    lo |= _pdep_u64(bits, kNibbleMask << k);  // pdep reads the low 16 bits (the mask has 16 ones)
+    hi |= _pdep_u64(bits >> 16, kNibbleMask << k);
+  }
+  nibbles[0] = lo;
+  nibbles[1] = hi;
+}
+
+// The group's table (tables[t, c] - z) * s as two 8-float halves (the upper half only for 4-bit codes).
+template <int BITS>
+SECATEURS_AVX2 inline void load_group_table(const PackedView& p, int64_t row, int64_t group, __m256& lo,
+                                            __m256& hi) {
+  const int64_t at = row * p.n_groups + group;
+  const float* values = p.tables + int64_t(p.type_ids[at]) * (1 << BITS);
+  const __m256 scale = _mm256_set1_ps(_cvtsh_ss(p.scales[at]));
+  lo = BITS == 2 ? _mm256_zextps128_ps256(_mm_loadu_ps(values)) : _mm256_loadu_ps(values);
+  hi = BITS == 4 ? _mm256_loadu_ps(values + 8) : _mm256_setzero_ps();
+  if (p.zeros != nullptr) {
+    const __m256 zero = _mm256_set1_ps(_cvtsh_ss(p.zeros[at]));
+    lo = _mm256_sub_ps(lo, zero);
+    hi = _mm256_sub_ps(hi, zero);
+  }
+  lo = _mm256_mul_ps(lo, scale);
+  hi = _mm256_mul_ps(hi, scale);
+}
+
+// Weights of codes 8c..8c+7 of a word (c = 0..3) from its nibbles.
+template <int BITS>
+SECATEURS_AVX2 inline __m256 lookup8(const uint64_t nibbles[2], int c, __m256 lo, __m256 hi) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const uint32_t piece = uint32_t(nibbles[c >> 1] >> (32 * (c & 1)));
+  const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(int(piece)), shifts);
+  const __m256 low = _mm256_permutevar8x32_ps(lo, idx);
+  if (BITS != 4) return low;  // 2/3-bit codes: bit 3 of the nibble is 0, vpermps ignores it anyway
+  const __m256 high = _mm256_permutevar8x32_ps(hi, idx);
+  return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// GEMV variant without the p5-port broadcast of lookup8: broadcast one uint64 of nibbles (8 + 8 codes) straight from
+// memory (a load-port op) and shift lane l by 4 * (shift_base + l / 2); lane l then holds code
+// 8 * (l % 2) + shift_base + l / 2 of that uint64. The GEMV feeds x in the matching order (gemv_input_order).
+template <int BITS>
+SECATEURS_AVX2 inline __m256 lookup8_from(const uint64_t* nibbles, __m256i shifts, __m256 lo, __m256 hi) {
+  const __m256i both = _mm256_castpd_si256(_mm256_broadcast_sd(reinterpret_cast<const double*>(nibbles)));
+  const __m256i idx = _mm256_srlv_epi32(both, shifts);
+  const __m256 low = _mm256_permutevar8x32_ps(lo, idx);
+  if (BITS != 4) return low;
+  const __m256 high = _mm256_permutevar8x32_ps(hi, idx);
+  return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+SECATEURS_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace
+
+int gemv_input_order(int k) {  // vector c = k / 8 of a word, lane l = k % 8 (see lookup8_from)
+  const int c = k / 8, l = k % 8;
+  return 16 * (c / 2) + 8 * (l % 2) + 4 * (c % 2) + l / 2;
+}
+
+namespace {
+
+int64_t words_per_group(const PackedView& p) { return p.n_groups == 1 ? p.words : p.group_size / kWordBits; }
+
+// y[b, row] for NB activation rows starting at x; CHAINS independent accumulators per row hide FMA latency.
+template <int BITS, int NB>
+SECATEURS_AVX2 void gemv_row(const PackedView& p, const float* x, int64_t x_stride, int64_t row, float* y) {
+  constexpr int CHAINS = NB >= 4 ? 1 : (NB == 1 ? 4 : 2);
+  __m256 acc[NB][CHAINS];
+  for (int b = 0; b < NB; ++b)
+    for (int k = 0; k < CHAINS; ++k) acc[b][k] = _mm256_setzero_ps();
+  const __m256i shifts_even = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i shifts_odd = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
+  const int64_t plane_stride = p.out_f * p.words, wpg = words_per_group(p);
+  const uint32_t* planes = p.planes + row * p.words;
+  for (int64_t g = 0, w0 = 0; w0 < p.words; ++g, w0 += wpg) {
+    __m256 lo, hi;
+    load_group_table<BITS>(p, row, g, lo, hi);
+    for (int64_t w = w0, w1 = std::min(w0 + wpg, p.words); w < w1; ++w) {
+      alignas(16) uint64_t nibbles[2];
+      nibble_codes<BITS>(planes + w, plane_stride, nibbles);
+      const float* xw = x + w * kWordBits;
+      for (int c = 0; c < 4; ++c) {
+        const __m256 v = lookup8_from<BITS>(nibbles + c / 2, c % 2 ? shifts_odd : shifts_even, lo, hi);
+        for (int b = 0; b < NB; ++b)
+          acc[b][c % CHAINS] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xw + b * x_stride + 8 * c), acc[b][c % CHAINS]);
+      }
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    __m256 total = acc[b][0];
+    for (int k = 1; k < CHAINS; ++k) total = _mm256_add_ps(total, acc[b][k]);
+    y[b * p.out_f + row] = hsum(total);
+  }
+}
+
+template <int BITS>
+SECATEURS_AVX2 void gemv_rows_bits(const PackedView& p, const GemvArgs& a, int64_t row_begin, int64_t row_end) {
+  for (int64_t b0 = 0; b0 < a.batch; b0 += kMaxBatchTile) {
+    const float* x = a.x + b0 * a.x_stride;
+    float* y = a.y + b0 * p.out_f;
+    const int64_t nb = std::min<int64_t>(kMaxBatchTile, a.batch - b0);
+    for (int64_t o = row_begin; o < row_end; ++o) {
+      switch (nb) {
+        case 1: gemv_row<BITS, 1>(p, x, a.x_stride, o, y); break;
+        case 2: gemv_row<BITS, 2>(p, x, a.x_stride, o, y); break;
+        case 3: gemv_row<BITS, 3>(p, x, a.x_stride, o, y); break;
+        default: gemv_row<BITS, 4>(p, x, a.x_stride, o, y); break;
+      }
+    }
+  }
+}
+
+template <int BITS>
+SECATEURS_AVX2 void dequantize_rows_bits(const PackedView& p, float* out, int64_t row_begin, int64_t row_end) {
+  const int64_t plane_stride = p.out_f * p.words, wpg = words_per_group(p);
+  alignas(32) float tail[kWordBits];
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const uint32_t* planes = p.planes + o * p.words;
+    float* row = out + o * p.in_f;
+    for (int64_t g = 0, w0 = 0; w0 < p.words; ++g, w0 += wpg) {
+      __m256 lo, hi;
+      load_group_table<BITS>(p, o, g, lo, hi);
+      for (int64_t w = w0, w1 = std::min(w0 + wpg, p.words); w < w1; ++w) {
+        uint64_t nibbles[2];
+        nibble_codes<BITS>(planes + w, plane_stride, nibbles);
+        const int64_t n = std::min<int64_t>(kWordBits, p.in_f - w * kWordBits);
+        float* dst = n == kWordBits ? row + w * kWordBits : tail;  // the ragged last word goes through `tail`
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(dst + 8 * c, lookup8<BITS>(nibbles, c, lo, hi));
+        if (n != kWordBits) std::memcpy(row + w * kWordBits, tail, sizeof(float) * size_t(n));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void gemv_rows_avx2(const PackedView& p, const GemvArgs& a, int64_t row_begin, int64_t row_end) {
+  switch (p.bits) {
+    case 2: gemv_rows_bits<2>(p, a, row_begin, row_end); break;
+    case 3: gemv_rows_bits<3>(p, a, row_begin, row_end); break;
+    default: gemv_rows_bits<4>(p, a, row_begin, row_end); break;
+  }
+}
+
+void dequantize_rows_f32_avx2(const PackedView& p, float* out, int64_t row_begin, int64_t row_end) {
+  switch (p.bits) {
+    case 2: dequantize_rows_bits<2>(p, out, row_begin, row_end); break;
+    case 3: dequantize_rows_bits<3>(p, out, row_begin, row_end); break;
+    default: dequantize_rows_bits<4>(p, out, row_begin, row_end); break;
+  }
+}
+
+#else  // not x86-64: the portable kernels serve every input
+
+bool avx2_supported() { return false; }
+void gemv_rows_avx2(const PackedView& p, const GemvArgs& a, int64_t b, int64_t e) { gemv_rows_generic(p, a, b, e); }
+void dequantize_rows_f32_avx2(const PackedView& p, float* out, int64_t b, int64_t e) {
+  dequantize_rows_f32_generic(p, out, b, e);
+}
+
+#endif
+
+}  // namespace secateurs_cpu
