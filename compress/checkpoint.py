@@ -18,7 +18,6 @@ import hashlib
 import json
 import platform
 import shutil
-import tempfile
 from collections.abc import Callable
 from importlib import metadata, resources
 from pathlib import Path
@@ -30,6 +29,8 @@ from torch import nn
 
 from compress.adapters import Arch, decoder_layers, model_config, skipped_sub_blocks
 from compress.card import model_card, push_to_hub  # noqa: F401  # push_to_hub: re-exported (pipeline, tests)
+from compress.errors import one_line, shown
+from compress.output_dir import check_output, clean_leftovers, follow_umask, temp_sibling
 from compress.prune.surgery import layer_shapes
 from compress.quantize import dequantize_model, quant_linears
 from quant.errors import InputError
@@ -112,9 +113,8 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
 
 
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
-    """Fail early (before any work) when the output exists and may not be replaced."""
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"output directory {str(out_dir)!r} already exists (set output.overwrite: true or --out)")
+    """Fail early (before any work) when the output cannot be written or exists and may not be replaced."""
+    check_output(out_dir, overwrite)
 
 
 def write_checkpoint(
@@ -135,7 +135,8 @@ def write_checkpoint(
     """
     prepare_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    clean_leftovers(out_dir)
+    tmp = temp_sibling(out_dir)
     try:
         base_architecture: str = model_config(model).architectures[0]
         if export == "dequantized" and quant_linears(model):
@@ -161,6 +162,7 @@ def write_checkpoint(
         (tmp / "README.md").write_text(model_card(record))
         for name, text in (verify(tmp) if verify else {}).items():
             (tmp / name).write_text(text)
+        follow_umask(tmp)
         _replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -170,7 +172,7 @@ def write_checkpoint(
 
 def _replace(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        trash = temp_sibling(out_dir, "old")
         out_dir.rename(trash / "old")
         tmp.rename(out_dir)
         shutil.rmtree(trash, ignore_errors=True)
@@ -179,13 +181,37 @@ def _replace(tmp: Path, out_dir: Path) -> None:
 
 
 def load_checkpoint_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a Secateurs checkpoint with the in-package copy of its modeling code (no remote code executed)."""
-    import importlib
+    """Load a Secateurs checkpoint with the in-package copy of its modeling code (no remote code executed).
 
-    config = json.loads((folder / "config.json").read_text())
-    module = importlib.import_module("compress.remote.modeling_secateurs")
-    model_class = module.make_model_class(config["architectures"][0])
-    return model_class.from_pretrained(str(folder), dtype=dtype)
+    Only its structure is checked here (a missing or extra tensor is an InputError); ``compress.verify`` checks
+    everything else before loading.
+    """
+    from compress.verify import read_json
+
+    model_class = checkpoint_model_class(read_json(folder / "config.json", f"checkpoint {shown(str(folder))}"))
+    try:
+        model, info = model_class.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise InputError(f"checkpoint {shown(str(folder))} cannot be loaded: {one_line(err, 160)}") from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(kind):
+            raise InputError(f"checkpoint {shown(str(folder))}: {kind.replace('_', ' ')} {shown(sorted(info[kind]))}")
+    return model
+
+
+def checkpoint_model_class(config: dict[str, Any]) -> Any:
+    """The loader class of a checkpoint whose ``config.json`` is ``config``: its base architecture is looked up in
+    the adapter table only (never as an arbitrary attribute of transformers)."""
+    from compress.adapters import ARCHS
+    from compress.remote.modeling_secateurs import make_model_class
+
+    names = config.get("architectures")
+    name = names[0] if isinstance(names, list) and names else None
+    if not isinstance(name, str) or name not in ARCHS:
+        raise InputError(
+            f"config.json architectures[0] {shown(name)} is not supported; expected one of {sorted(ARCHS)}"
+        )
+    return make_model_class(name)
 
 
 def read_provenance(folder: Path) -> dict[str, Any]:

@@ -30,18 +30,43 @@ def _parser() -> argparse.ArgumentParser:
         help="override a recipe field, e.g. --set steps.0.prune.ratio=0.3 (repeatable)",
     )
     run.add_argument("--out", help="output directory (overrides output.dir)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output checkpoint (or empty folder); nothing else"
+    )
+    _task_code_flag(run)
     ev = sub.add_parser("eval", help="evaluate a model directory, GGUF file, Hub id or 'default'")
     ev.add_argument("model")
     ev.add_argument("--tasks", help="comma-separated lm-eval tasks (default: the shipped offline tasks)")
     ev.add_argument("--limit", type=int, help="lm-eval examples per task")
     ev.add_argument("--ppl-windows", type=int, default=64, help="held-out perplexity windows (0 = skip)")
     ev.add_argument("--seed", type=int, default=0)
+    _task_code_flag(ev)
+    _verify_flag(ev)
     info = sub.add_parser("info", help="per-layer shapes, parameters and bytes of a model")
     info.add_argument("model")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    _verify_flag(info)
     sub.add_parser("search", help="multi-objective search over recipes (secateurs search -h for its options)")
     return parser
+
+
+def _task_code_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-task-code",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="RUNS CODE: make the lm-eval task YAMLs in DIR available; their !function entries import Python from "
+        "DIR (a recipe can only name tasks; it never runs code by itself)",
+    )
+
+
+def _verify_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-verify-hashes",
+        action="store_true",
+        help="skip the sha256 check of every tensor against secateurs.json (names, shapes, dtypes still checked)",
+    )
 
 
 def _version() -> str:
@@ -54,11 +79,14 @@ def _version() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from compress.lm_tasks import trust_task_code
     from compress.pipeline import run
 
+    for folder in args.trust_task_code:
+        trust_task_code(folder)
     overrides = list(args.overrides)
     if args.out:
-        overrides.append(f"output.dir={args.out}")
+        overrides.append(f"output.dir={json.dumps(args.out)}")  # a quoted YAML string, whatever the path holds
     if args.overwrite:
         overrides.append("output.overwrite=true")
     result = run(args.recipe, overrides)
@@ -75,17 +103,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from compress.errors import one_line
     from compress.evaluate import evaluate_model
+    from compress.lm_tasks import resolve_tasks, trust_task_code
     from compress.loading import load_model
     from compress.recipe import LmEvalConfig, PerplexityConfig
 
-    loaded = load_model(args.model)
-    ppl = PerplexityConfig(max_windows=args.ppl_windows) if args.ppl_windows else None
-    lm = (
-        LmEvalConfig(limit=args.limit)
-        if args.tasks is None
-        else LmEvalConfig(tasks=[t for t in args.tasks.split(",") if t], limit=args.limit)
-    )
+    for folder in args.trust_task_code:
+        trust_task_code(folder)
+    try:
+        ppl = PerplexityConfig(max_windows=args.ppl_windows) if args.ppl_windows else None
+        lm = (
+            LmEvalConfig(limit=args.limit)
+            if args.tasks is None
+            else LmEvalConfig(tasks=[t for t in args.tasks.split(",") if t], limit=args.limit)
+        )
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InputError(f"secateurs eval: {where}: {one_line(first['msg']).removeprefix('Value error, ')}") from None
+    resolve_tasks(lm.tasks, "--tasks")
+    loaded = load_model(args.model, verify_hashes=not args.no_verify_hashes)
     result = evaluate_model(loaded.model, loaded.tokenizer, ppl, lm, args.seed)
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
@@ -95,7 +135,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from compress.info import describe, format_description
     from compress.loading import load_model
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, verify_hashes=not args.no_verify_hashes)
     description = describe(loaded.model, Path(loaded.path) if loaded.path else None)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
     return 0

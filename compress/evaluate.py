@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from compress.corpus import eval_windows, task_dir
+from compress.corpus import eval_windows
+from compress.lm_tasks import task_manager
 from compress.recipe import LmEvalConfig, PerplexityConfig
 
 log = logging.getLogger("secateurs")
@@ -71,7 +72,6 @@ def lm_eval_tasks(
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     opts = options or LmEvalOptions()
     start = time.perf_counter()
@@ -80,7 +80,7 @@ def lm_eval_tasks(
     out = simple_evaluate(
         model=lm,
         tasks=list(cfg.tasks),
-        task_manager=TaskManager(include_path=str(task_dir())),
+        task_manager=task_manager(),  # registered + shipped + --trust-task-code folders
         limit=cfg.limit,
         num_fewshot=opts.num_fewshot,
         apply_chat_template=opts.apply_chat_template,

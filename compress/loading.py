@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
+from compress.errors import one_line, shown
 from quant.errors import InputError
 
 log = logging.getLogger("secateurs")
@@ -69,14 +71,19 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     if (out / "config.json").exists():
         return out
     log.info("converting %s to fp32 safetensors in %s (once)", gguf.name, out)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as err:  # the GGUF reader raises many types on a damaged or foreign file
+        raise InputError(
+            f"GGUF file {shown(str(gguf))} cannot be read: {type(err).__name__}: {one_line(err, 120)}"
+        ) from None
     model.hf_quantizer = None  # type: ignore[assignment]  # the GGUF quantizer blocks save_pretrained; weights are already dequantised
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.architectures = [type(model).__name__]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".convert-{os.getpid()}-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -96,41 +103,98 @@ def resolve_source(source: str) -> Path | str:
     if path.is_file() and path.suffix == ".gguf":
         return convert_gguf(path)
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if not (path / "config.json").is_file():
             raise InputError(
-                f"model directory {source!r} has no config.json: expected a Hugging Face model folder"
+                f"model directory {shown(source)} has no config.json: expected a Hugging Face model folder"
             )
+        if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+            raise InputError(f"model directory {shown(source)} has no weights (*.safetensors or *.bin)")
         return path
     if path.exists():
-        raise InputError(
-            f"model {source!r} is a file but not a .gguf file: expected a GGUF file or a directory"
-        )
+        raise InputError(f"model {shown(source)} is a file but not a .gguf file: expected a GGUF file or a directory")
     looks_like_path = source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
     if looks_like_path:
-        raise InputError(f"model path {source!r} does not exist")
+        raise InputError(f"model path {shown(source)} does not exist")
     return source  # a Hub id: only works with network access
 
 
-def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer in ``dtype`` (fp32 is the CPU default: bf16 is ~5x slower on AVX2)."""
-    resolved = resolve_source(source)
-    try:
-        if isinstance(resolved, Path) and (resolved / "secateurs.json").exists():
-            from compress.checkpoint import load_checkpoint_model
+def load_model(
+    source: str, dtype: torch.dtype = torch.float32, device: str = "cpu", verify_hashes: bool = True
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer in ``dtype`` (fp32 is the CPU default: bf16 is ~5x slower on AVX2).
 
-            model = load_checkpoint_model(resolved, dtype=dtype)
+    A Secateurs checkpoint is verified first (``compress.verify``: tensor names, shapes and dtypes against its
+    config; with ``verify_hashes`` every tensor's sha256 against secateurs.json). Any model: a tensor missing
+    from the files, or a weight holding NaN/inf, is an InputError instead of a model that computes garbage.
+    """
+    resolved = resolve_source(source)
+    progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a tiny-model load is instant; a bar would only add lines around errors
+    try:
+        if isinstance(resolved, Path):
+            from compress.verify import read_json
+
+            read_json(resolved / "config.json", f"model {shown(source)}")  # named first: the tokenizer reads it too
+            tokenizer = _load_tokenizer(resolved, source)  # cheap: a damaged folder fails before the weights load
+            model = _load_local(resolved, source, dtype, verify_hashes)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(resolved), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(resolved))
-    except OSError as err:
-        if isinstance(resolved, str):
-            raise InputError(
-                f"model {source!r} is neither a local directory nor a GGUF file, and the Hugging Face Hub could not "
-                f"provide it (offline?): {str(err).splitlines()[0]}"
-            ) from err
-        raise
+            model = _load_hub(resolved, dtype)
+            tokenizer = _load_tokenizer(resolved, source)
+    finally:
+        if progress:
+            hf_logging.enable_progress_bar()
+    check_finite(model, source)
     config: Any = model.config
     if not getattr(config, "architectures", None):
         config.architectures = [type(model).__name__]
     model.to(device).eval()
     return LoadedModel(model, tokenizer, source, resolved if isinstance(resolved, Path) else None)
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+def _load_local(folder: Path, source: str, dtype: torch.dtype, verify_hashes: bool) -> nn.Module:
+    """A local folder: a Secateurs checkpoint (verified, loaded with the in-package modeling code) or plain HF."""
+    from compress.checkpoint import load_checkpoint_model
+    from compress.verify import PROVENANCE_FILE, read_json, verify_checkpoint
+
+    config = read_json(folder / "config.json", f"model {shown(source)}")
+    if (folder / PROVENANCE_FILE).exists() or "secateurs_layers" in config:
+        count = verify_checkpoint(folder, hashes=verify_hashes)
+        log.info("verified %d tensors of %s%s", count, folder, " (sha256 included)" if verify_hashes else "")
+        return load_checkpoint_model(folder, dtype=dtype)
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+        model, info = loaded
+    except Exception as err:  # transformers raises many types on a damaged folder
+        raise InputError(
+            f"model {shown(source)} cannot be loaded: {type(err).__name__}: {one_line(err, 120)}"
+        ) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise InputError(f"model {shown(source)}: tensor {shown(missing[0])} is missing from its weights")
+    return model
+
+
+def _load_tokenizer(resolved: Path | str, source: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(resolved))
+    except Exception as err:  # tokenizers raise many types on damaged files
+        raise InputError(f"model {shown(source)}: tokenizer cannot be loaded: {one_line(err, 120)}") from None
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> nn.Module:
+    try:
+        return AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
+    except OSError as err:
+        raise InputError(
+            f"model {shown(repo_id)} is neither a local directory nor a GGUF file, and the Hugging Face Hub could not "
+            f"provide it (offline?): {one_line(err, 120)}"
+        ) from None
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    from compress.verify import check_finite as check
+
+    check(model, source)

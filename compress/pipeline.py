@@ -17,7 +17,9 @@ from compress.checkpoint import load_checkpoint_model, prepare_output, push_to_h
 from compress.corpus import calibration_batches, corpus_fingerprint, load_documents
 from compress.eval_cache import cached_evaluation
 from compress.evaluate import comparison_rows, evaluate_model
-from compress.loading import load_model
+from compress.lm_tasks import resolve_tasks
+from compress.loading import load_model, resolve_source
+from compress.output_dir import clean_leftovers
 from compress.prune.pruner import count_parameters, prunable_parameters
 from compress.recipe import (
     EvaluationConfig,
@@ -29,6 +31,7 @@ from compress.recipe import (
 )
 from compress.report import report_markdown
 from compress.steps import StepContext, apply_step
+from compress.verify import verify_checkpoint
 
 log = logging.getLogger("secateurs")
 
@@ -55,6 +58,7 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     out_dir = Path(cfg.output.dir)
     prepare_output(out_dir, cfg.output.overwrite)
     check_inputs(cfg)
+    clean_leftovers(out_dir)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -102,6 +106,7 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
         report["dense_baseline_cache"] = dense_eval["cache"]  # report only: secateurs.json stays run-independent
 
     def verify(folder: Path) -> dict[str, Any]:
+        verify_checkpoint(folder, hashes=False)  # names, shapes, dtypes: the hashes were just computed
         report["reload_max_abs_logit_diff"] = reload_logit_difference(model, folder, probe)
         report["timings_seconds"] = {k: round(v, 2) for k, v in timings.items()}
         return {
@@ -161,7 +166,11 @@ def build_provenance(
 
 
 def check_inputs(cfg: Recipe) -> None:
-    """Fail on unreadable data files before any expensive work (loading, evaluation, calibration)."""
+    """Fail on a missing model, unreadable data files or unknown lm-eval tasks before any expensive work
+    (loading, evaluation, calibration)."""
+    resolve_source(cfg.model)
+    if cfg.evaluation is not None and cfg.evaluation.lm_eval is not None:
+        resolve_tasks(cfg.evaluation.lm_eval.tasks)
     if cfg.steps:
         load_documents(cfg.calibration.data)
     if cfg.evaluation is not None and cfg.evaluation.perplexity is not None:

@@ -7,26 +7,77 @@ verbatim (after validation, with defaults filled in) in every checkpoint it prod
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from compress.errors import one_line, shown
 from quant.errors import InputError
+
+MAX_COUNT = 2**20  # upper bound of sample/window/batch/length counts: larger ones only exhaust memory
+MAX_SEED = 2**32 - 1  # numpy's seed range (lm-eval seeds numpy with it)
+MAX_DEPTH = 32  # nesting levels a recipe file may have (the deepest valid recipe has under 10)
+MAX_VALUES = 100_000  # values a recipe may expand to through YAML aliases
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: YAML gives typed scalars, so no coercion (a bool is not an int, "4" is not a number, 4.0 not a count)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def compiled_regex(value: str) -> str:
+    """``value`` itself when it compiles as a Python regular expression; ValueError naming the problem otherwise."""
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise ValueError(f"not a valid regular expression: {err.msg} at position {err.pos}") from None
+    return value
+
+
+def task_names(values: list[str]) -> list[str]:
+    """lm-eval task names, never paths: a task folder runs code (``compress.lm_tasks``)."""
+    from compress.lm_tasks import task_name
+
+    for value in values:
+        try:
+            task_name(value)
+        except ValueError as err:
+            raise ValueError(f"{shown(value)}: {err}") from None
+    return values
+
+
+def available_device(value: str) -> str:
+    """``value`` when torch can run on it here ("cpu", "cuda", "cuda:N", "mps"); ValueError otherwise."""
+    if value == "cpu":
+        return value  # no torch import for the common case: validation stays fast
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError("not a torch device; expected 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"not available here ({count} CUDA device(s) visible)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("MPS is not available here")
+    elif device.type != "cpu":
+        raise ValueError("unsupported device type; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return value
 
 
 class CalibrationConfig(Strict):
     """n windows × seq_len tokens drawn (seeded) from ``data``: "web:calibration" or a .txt/.jsonl path."""
 
     data: str = "web:calibration"
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(128, ge=8)
-    batch_size: int = Field(8, ge=1)
+    samples: int = Field(128, ge=1, le=MAX_COUNT)
+    seq_len: int = Field(128, ge=8, le=MAX_COUNT)
+    batch_size: int = Field(8, ge=1, le=MAX_COUNT)
 
 
 class PruneConfig(Strict):
@@ -138,6 +189,8 @@ class QuantOverride(Strict):
     """Mixed precision: linears whose full name matches ``match`` (regex) use these settings instead."""
 
     match: str
+
+    _regex = field_validator("match")(classmethod(lambda cls, v: compiled_regex(v)))
     dtypes: str | None = None
     group_size: int | None = Field(None, ge=1)
 
@@ -171,6 +224,7 @@ class QuantizeConfig(Strict):
     awq_tokens: int = Field(2048, ge=16, description="AWQ: sampled calibration tokens for the scale search")
     awq_clip: bool = True
     modules: str = ".*"
+    _regex = field_validator("modules")(classmethod(lambda cls, v: compiled_regex(v)))
     overrides: list[QuantOverride] = Field(default_factory=list)
     export: Literal["packed", "dequantized"] = "packed"
 
@@ -219,18 +273,19 @@ class PerplexityConfig(Strict):
     """Held-out perplexity over non-overlapping windows of ``data``."""
 
     data: str = "web:eval"
-    seq_len: int = Field(256, ge=8)
-    max_windows: int | None = Field(64, ge=1)
-    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=8, le=MAX_COUNT)
+    max_windows: int | None = Field(64, ge=1, le=MAX_COUNT)
+    batch_size: int = Field(8, ge=1, le=MAX_COUNT)
 
 
 class LmEvalConfig(Strict):
     """lm-evaluation-harness tasks: the shipped offline tasks or any task name lm-eval knows."""
 
     tasks: list[str] = Field(default_factory=lambda: ["secateurs_web_ppl", "secateurs_web_mc"])
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(512, ge=16)
+    _names = field_validator("tasks")(classmethod(lambda cls, v: task_names(v)))
+    limit: int | None = Field(None, ge=1, le=MAX_COUNT)
+    batch_size: int = Field(8, ge=1, le=MAX_COUNT)
+    max_length: int = Field(512, ge=16, le=MAX_COUNT)
 
 
 class EvaluationConfig(Strict):
@@ -247,9 +302,10 @@ class OutputConfig(Strict):
 
 class Recipe(Strict):
     model: str = "default"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    _device = field_validator("device")(classmethod(lambda cls, v: available_device(v)))
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     steps: list[Step] = Field(default_factory=list)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -270,18 +326,19 @@ def _format_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     loc = [p for i, p in enumerate(loc) if i == 0 or p != loc[i - 1]]  # drop the union tag ("prune.prune")
-    where = ".".join(loc) or "<root>"
+    where = one_line(".".join(loc), 120) or "<root>"
     if first["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{where}'"
     given = first.get("input")
-    shown = "" if isinstance(given, dict | list) else f" (got {given!r})"
-    return f"{origin}: field '{where}': {first['msg']}{shown}"
+    quoted = "" if isinstance(given, dict | list) else f" (got {shown(given)})"
+    return f"{origin}: field '{where}': {one_line(first['msg']).removeprefix('Value error, ')}{quoted}"
 
 
 def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
     """Validate a recipe dict; errors name the field (dotted path) and what was expected."""
     if not isinstance(data, dict):
         raise InputError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    check_shape(data, origin)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -289,16 +346,101 @@ def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
 
 
 def load_recipe_dict(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file: UTF-8 YAML holding one mapping, no duplicate keys, bounded in size and depth."""
     path = Path(path)
+    where = f"recipe file {shown(str(path))}"
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as err:
-        raise InputError(f"recipe file {str(path)!r} cannot be read: {err.strerror}") from None
+        raise InputError(f"{where} cannot be read: {err.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise InputError(f"{where} is larger than {MAX_FILE_BYTES:,} bytes: not a recipe")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{where} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    data = load_yaml(text, where)
+    if data is None:
+        raise InputError(f"{where} is empty: a recipe needs at least `model:` (e.g. `model: default`)")
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping (key: value lines) at the top level, got {type(data).__name__}")
+    check_shape(data, where)
+    return data
+
+
+MAX_FILE_BYTES = 1 << 20
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a repeated key is an error (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # unhashable key: the base class reports it
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shown(key)} (first given on line {first})", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML with :class:`RecipeLoader`; any problem is one InputError line with its line number."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise InputError(f"{where} is not valid YAML: {one_line(err.problem or err.context)}{at}") from None
+    except yaml.reader.ReaderError as err:
+        raise InputError(
+            f"{where} is not valid YAML: character #x{err.character:04x} at offset {err.position}"
+        ) from None
     except yaml.YAMLError as err:
-        raise InputError(f"recipe file {str(path)!r} is not valid YAML: {err}") from None
-    return data if data is not None else {}
+        raise InputError(f"{where} is not valid YAML: {one_line(err)}") from None
+    except RecursionError:
+        raise InputError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels)") from None
+    except ValueError as err:  # e.g. an integer past Python's 4300-digit limit
+        raise InputError(f"{where} holds a value that cannot be read: {one_line(err, 80)}") from None
+
+
+def check_shape(data: Any, where: str) -> None:
+    """Reject recipes nested deeper than MAX_DEPTH, expanding (through aliases) past MAX_VALUES, or recursive.
+
+    Shared sub-trees (YAML aliases) are measured once, so this takes time linear in the file, not in its expansion.
+    """
+    measured: dict[int, tuple[int, int]] = {}  # id → (values, height); (-1, -1) while being measured
+
+    def measure(node: Any, depth: int) -> tuple[int, int]:
+        if not isinstance(node, dict | list):
+            return 1, 0
+        if depth > MAX_DEPTH:
+            raise InputError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels)")
+        known = measured.get(id(node))
+        if known == (-1, -1):
+            raise InputError(f"{where} contains a recursive alias (a value that contains itself)")
+        if known is None:
+            measured[id(node)] = (-1, -1)
+            values, height = 1, 0
+            for child in node.values() if isinstance(node, dict) else node:
+                n, h = measure(child, depth + 1)
+                values, height = values + n, max(height, h + 1)
+                if values > MAX_VALUES:
+                    raise InputError(f"{where} expands to more than {MAX_VALUES:,} values (through YAML aliases?)")
+            known = measured[id(node)] = (values, height)
+        if depth + known[1] > MAX_DEPTH:
+            raise InputError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels)")
+        return known
+
+    measure(data, 0)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -307,8 +449,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise InputError(f"--set {item!r}: expected key.path=value")
-        value = yaml.safe_load(raw)
+            raise InputError(f"--set {shown(item)}: expected key.path=value")
+        value = load_yaml(raw, f"--set {shown(item)}: value")
         node: Any = data
         parts = key.split(".")
         try:
@@ -319,7 +461,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             else:
                 node[parts[-1]] = value
         except (ValueError, IndexError, AttributeError, TypeError):
-            raise InputError(f"--set {item!r}: no such place in the recipe ({key!r})") from None
+            raise InputError(f"--set {shown(item)}: no such place in the recipe ({shown(key)})") from None
     return data
 
 

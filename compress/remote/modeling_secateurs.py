@@ -26,6 +26,9 @@ except ImportError:  # pruned-only checkpoints load with transformers alone
     HAVE_SECATEURS_QUANT = False
 
 BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by the Secateurs checkpoint writer
+# the architectures of Secateurs' adapter table (compress.adapters.ARCHS; a test keeps the two equal): a name read
+# from config.json is looked up here, never as an arbitrary attribute of transformers
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -106,9 +109,25 @@ class SecateursMixin:
                     skip_sub_block(layers[index], block_path, norm_path, config.hidden_size, name == "attn")
         resize_layers(self, config.secateurs_layers, config.secateurs_layers_path)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As transformers' ``from_pretrained``, except that a tensor missing from the checkpoint is an error:
+        transformers would initialise it randomly and load a model that silently computes garbage."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ValueError(f"the checkpoint lacks tensor {missing[0]!r}{more}: refusing to initialise it randomly")
+        return (model, info) if wants_info else model
+
 
 def make_model_class(base_architecture: str) -> type:
-    """``SecateursForCausalLM`` on top of ``transformers.<base_architecture>``."""
+    """``SecateursForCausalLM`` on top of ``transformers.<base_architecture>`` (one of SUPPORTED_ARCHITECTURES)."""
+    if base_architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"architecture {str(base_architecture)[:80]!r} is not supported; expected one of {SUPPORTED_ARCHITECTURES}"
+        )
     base = getattr(transformers, base_architecture)
     return type("SecateursForCausalLM", (SecateursMixin, base), {"__module__": __name__})
 
