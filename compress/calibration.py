@@ -213,3 +213,52 @@ def _to_device(inputs: LayerInputs, device: torch.device) -> LayerInputs:
     return LayerInputs(
         [h.to(device) for h in inputs.hidden], [{k: move(v) for k, v in kw.items()} for kw in inputs.kwargs]
     )
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[Tensor]:
+    """Hidden-state outputs of ``layer`` for every cached mini-batch of ``inputs`` (grad mode as the caller's)."""
+    return _run_layer(layer, inputs)
+
+
+# (layer index, dense layer, compressed layer, dense-stream inputs, compressed-stream inputs)
+#   -> (dense-stream outputs, compressed-stream outputs)
+PairedVisitFn = Callable[[int, nn.Module, nn.Module, LayerInputs, LayerInputs], tuple[list[Tensor], list[Tensor]]]
+
+
+def calibrate_paired(
+    dense_model: nn.Module,
+    model: nn.Module,
+    arch: Arch,
+    input_ids: Tensor,
+    visit: PairedVisitFn,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    desc: str = "recovering",
+) -> None:
+    """Walk two activation streams through the decoder layers together, one layer (pair) at a time.
+
+    The *dense* stream is what the unmodified layers produce, the *compressed* stream what the already-modified
+    prefix of ``model`` produces; both start from the same layer-0 inputs (embeddings are never compressed).
+    ``visit`` gets layer i of ``dense_model`` and of ``model`` (the same module when ``dense_model is model``:
+    the layer is still dense when visited and ``visit`` may modify it after running it on the dense stream), the
+    two streams' inputs, and returns the two streams' outputs (the next layer's inputs). Peak memory: one layer
+    pair plus the two streams' activations. Gradients are enabled only where ``visit`` enables them.
+    """
+    dense_layers, layers = decoder_layers(dense_model, arch), decoder_layers(model, arch)
+    if len(dense_layers) != len(layers):
+        raise ValueError(f"dense model has {len(dense_layers)} decoder layers, compressed {len(layers)}")
+    with torch.no_grad():
+        dense = capture_layer0_inputs(model, arch, input_ids, batch_size)
+    compressed = dense
+    for index in tqdm(range(len(layers)), desc=desc, unit="layer", leave=False):
+        pair = [dense_layers[index], layers[index]]
+        homes = [next(m.parameters()).device for m in pair]
+        target = torch.device(device) if device is not None else homes[1]
+        for m in pair:
+            m.to(target)
+        dense, compressed = _to_device(dense, target), _to_device(compressed, target)
+        dense_out, compressed_out = visit(index, pair[0], pair[1], dense, compressed)
+        dense = LayerInputs(dense_out, dense.kwargs)
+        compressed = LayerInputs(compressed_out, compressed.kwargs)
+        for m, home in zip(pair, homes, strict=True):
+            m.to(home)

@@ -84,7 +84,8 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
         cal = cfg.calibration
         calibration = calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, cfg.seed)
     ctx = StepContext(
-        model, tokenizer, arch, calibration, cfg.calibration.batch_size, cfg.device, cfg.seed, cfg.calibration.data
+        model, tokenizer, arch, calibration, cfg.calibration.batch_size, cfg.device, cfg.seed, cfg.calibration.data,
+        source=cfg.model,
     )
     summaries = [apply_step(step, ctx) for step in cfg.steps]
     timings["compress"] = time.perf_counter() - clock

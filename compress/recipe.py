@@ -95,6 +95,12 @@ class PruneConfig(Strict):
     )
     statistics: Literal["dense", "progressive"] = "dense"
     bias_compensation: bool | None = None
+    reconstruct: Literal["none", "bias", "least_squares"] | None = Field(
+        None,
+        description="repair after the units are chosen: none, FLAP's bias compensation, or a ridge least-squares "
+        "refit of o_proj/down_proj to the dense outputs (compressed-prefix inputs); default from bias_compensation",
+    )
+    ridge: float = Field(0.01, ge=0.0, description="least squares: ridge λ relative to the mean diagonal of XXᵀ")
     square_attention_scores: bool = True
     min_units: int = Field(
         1, ge=0, description="units every module keeps (0: the threshold may remove a whole sub-block)"
@@ -139,6 +145,19 @@ class PruneConfig(Strict):
             self.uniform_rounding = "nearest" if self.method == "flap" else "floor"
         if self.bias_compensation is None:
             self.bias_compensation = self.method == "flap"
+        return self
+
+    @model_validator(mode="after")
+    def _reconstruct(self) -> PruneConfig:
+        """``reconstruct`` none/bias is ``bias_compensation`` false/true; least squares keeps the compensation
+        constants of removed sub-blocks. Given both, they must agree."""
+        if self.reconstruct is None:
+            self.reconstruct = "bias" if self.bias_compensation else "none"
+            return self
+        wanted = self.reconstruct != "none"
+        if "bias_compensation" in self.model_fields_set and self.bias_compensation is not wanted:
+            raise ValueError(f"reconstruct: {self.reconstruct} contradicts bias_compensation: {self.bias_compensation}")
+        self.bias_compensation = wanted
         return self
 
     @property
@@ -253,18 +272,49 @@ class QuantizeStep(Strict):
     quantize: QuantizeConfig
 
 
+class DistillConfig(Strict):
+    """Recovery training after prune/nas: blockwise local distillation (Puzzle's BLD) of every decoder layer
+    against its dense parent (normalised MSE, AdamW, one layer at a time), then an optional global distillation
+    (KL to the dense model's next-token distribution). Training windows come from ``data`` (any corpus source or
+    mixture; sampled with seed + 1, so not the calibration windows); the dense parent is loaded again from
+    ``model``."""
+
+    data: str = "mix:calibration"
+    samples: int = Field(32, ge=1, description="training windows")
+    seq_len: int = Field(128, ge=8)
+    batch_size: int = Field(4, ge=1, description="windows per step")
+    inputs: Literal["dense", "compressed"] = Field(
+        "dense", description="BLD student inputs: the dense parent's (Puzzle) or the compressed prefix's outputs"
+    )
+    steps: int = Field(16, ge=0, description="BLD AdamW steps per decoder layer (0 = no BLD)")
+    lr: float = Field(1e-4, gt=0.0)
+    train: Literal["all", "consumers", "lora"] = "all"
+    lora_rank: int = Field(8, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    global_steps: int = Field(0, ge=0, description="global KD steps after BLD (0 = none)")
+    global_lr: float = Field(2e-5, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class DistillStep(Strict):
+    distill: DistillConfig
+
+
 def _step_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         return next(iter(value), None) if len(value) == 1 else None
-    kinds: dict[type, str] = {PruneStep: "prune", QuantizeStep: "quantize", NasStep: "nas"}
+    kinds: dict[type, str] = {PruneStep: "prune", QuantizeStep: "quantize", NasStep: "nas", DistillStep: "distill"}
     return kinds.get(type(value))
 
 
 # each step is a one-key mapping, {"prune": {...}}, {"nas": {...}} or {"quantize": {...}}, dispatched on that key
 Step = Annotated[
-    Annotated[PruneStep, Tag("prune")] | Annotated[NasStep, Tag("nas")] | Annotated[QuantizeStep, Tag("quantize")],
+    Annotated[PruneStep, Tag("prune")]
+    | Annotated[NasStep, Tag("nas")]
+    | Annotated[QuantizeStep, Tag("quantize")]
+    | Annotated[DistillStep, Tag("distill")],
     Discriminator(
-        _step_kind, custom_error_type="step", custom_error_message="expected one key: prune, nas or quantize"
+        _step_kind, custom_error_type="step", custom_error_message="expected one key: prune, nas, distill or quantize"
     ),
 ]
 

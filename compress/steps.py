@@ -21,7 +21,8 @@ from compress.nas.evolve import EvolutionConfig, evolve
 from compress.nas.space import Candidate
 from compress.prune.pruner import apply_masks, plan_masks, prune_model
 from compress.quantize import quantize_model, weight_storage
-from compress.recipe import NasStep, PruneStep, QuantizeStep, Step
+from compress.recipe import DistillStep, NasStep, PruneStep, QuantizeStep, Step
+from compress.recover.step import distill_step
 
 log = logging.getLogger("secateurs")
 
@@ -36,6 +37,7 @@ class StepContext:
     device: str | None
     seed: int = 0
     calibration_data: str = "web:calibration"
+    source: str | None = None  # the recipe's input model (the dense parent of distill)
 
 
 StepHandler = Callable[[Any, StepContext], dict[str, Any]]
@@ -143,7 +145,12 @@ def nas_step(step: NasStep, ctx: StepContext) -> dict[str, Any]:
 
 
 # the step table: a step's config class → its handler (recipe.Step lists the same kinds)
-HANDLERS: dict[type, StepHandler] = {PruneStep: prune_step, NasStep: nas_step, QuantizeStep: quantize_step}
+HANDLERS: dict[type, StepHandler] = {
+    PruneStep: prune_step,
+    NasStep: nas_step,
+    QuantizeStep: quantize_step,
+    DistillStep: distill_step,
+}
 
 
 def apply_step(step: Step, ctx: StepContext) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from compress.prune.scores import (
 )
 from compress.prune.surgery import remove_kv_groups, remove_mlp_channels
 from compress.recipe import PruneConfig
+from compress.recover.reconstruct import reconstruct_model
 from quant.errors import InputError
 from quant.qlinear import QuantLinear
 
@@ -196,6 +197,15 @@ def prune_model(
         else:
             stats = collect_statistics(model, arch, calibration_ids, batch_size, device)
     attn_keep, mlp_keep = plan_masks(model, arch, cfg, stats)
+    if cfg.reconstruct == "least_squares":
+        if cfg.statistics == "progressive":
+            raise InputError("prune.reconstruct: least_squares needs statistics: dense (it corrects the prefix itself)")
+        if calibration_ids is None:
+            raise ValueError("least-squares reconstruction needs calibration data")
+        residuals = reconstruct_model(
+            model, arch, calibration_ids, attn_keep, mlp_keep, cfg.ridge, stats, batch_size, device
+        )
+        return {"method": cfg.method, **mask_summary(attn_keep, mlp_keep), "refit_residual": residuals}
     if cfg.statistics == "progressive" and needs_stats:
         _apply_progressive(model, arch, cfg, calibration_ids, layouts, attn_keep, mlp_keep, batch_size, device)
     else:

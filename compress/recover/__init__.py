@@ -1,0 +1,1 @@
+"""Recovery after compression: least-squares reconstruction, blockwise local distillation, global distillation."""

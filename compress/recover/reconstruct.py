@@ -1,0 +1,155 @@
+"""Least-squares reconstruction inside the prune step (model plumbing around ``least_squares.ridge_refit``).
+
+Given the keep-masks chosen by the pruner, walk the dense and the compressed stream through the decoder layers
+together (``compress.calibration.calibrate_paired``). For layer i, still dense when visited:
+
+1. run it on the dense stream, recording the dense outputs y of o_proj and down_proj (the targets);
+2. remove its KV groups, run it on the compressed stream up to the MLP, refit o_proj on (kept inputs z, y);
+3. remove its MLP channels, run it on the compressed stream, refit down_proj on (z, y);
+4. run the repaired layer on the compressed stream: the next layer's compressed inputs.
+
+So each layer also corrects the error of the already-compressed layers before it. A sub-block that keeps all
+its units is left untouched (ratio 0 leaves the model bit-identical); a removed sub-block keeps FLAP's constant
+(its mean dense output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from compress.adapters import Arch, AttentionLayout, attention_layout, linear_at, model_config, set_submodule
+from compress.calibration import LayerInputs, LayerStats, calibrate_paired, run_layer
+from compress.prune.surgery import remove_kv_groups, remove_mlp_channels
+from compress.recover.least_squares import PairStats, relative_residual, ridge_refit
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_outputs(module: nn.Module, store: list[Tensor]) -> Any:
+    return module.register_forward_hook(lambda _m, _args, out: store.append(out.detach()))
+
+
+def _accumulate(
+    layer: nn.Module, consumer: nn.Linear, inputs: LayerInputs, targets: list[Tensor], stop_at: nn.Module | None
+) -> PairStats:
+    """Run ``layer`` on ``inputs`` (stopping before ``stop_at``), pairing the consumer's inputs with ``targets``."""
+    stats = PairStats(consumer.in_features, consumer.out_features)
+    batch = [0]
+
+    def grab(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        stats.add_batch(args[0], targets[batch[0]])
+
+    def stop(_m: nn.Module, _args: tuple[Any, ...]) -> None:
+        raise _Stop
+
+    handles = [consumer.register_forward_pre_hook(grab)]
+    if stop_at is not None:
+        handles.append(stop_at.register_forward_pre_hook(stop))
+    try:
+        for index, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
+            batch[0] = index
+            try:
+                layer(hidden, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _install(layer: nn.Module, path: str, weight: Tensor, bias: Tensor) -> None:
+    old = linear_at(layer, path)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=True).to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        new.bias.copy_(bias)
+    set_submodule(layer, path, new)
+
+
+@torch.no_grad()
+def reconstruct_layer(
+    layer: nn.Module,
+    arch: Arch,
+    layout: AttentionLayout,
+    attn_keep: Tensor,
+    mlp_keep: Tensor,
+    dense_in: LayerInputs,
+    compressed_in: LayerInputs,
+    alpha: float,
+    means: tuple[Tensor | None, Tensor | None] = (None, None),
+) -> tuple[list[Tensor], list[Tensor], dict[str, float]]:
+    """Prune one dense layer with the given keep-masks and refit its consumers (module docstring).
+
+    ``means`` (mean o_proj / down_proj inputs on the dense stream) give the constant of a removed sub-block.
+    Returns (dense outputs, compressed outputs, {sub-block: relative squared error of the refit consumer}).
+    """
+    o, down = linear_at(layer, arch.o), linear_at(layer, arch.down)
+    y_o: list[Tensor] = []
+    y_down: list[Tensor] = []
+    handles = [_capture_outputs(o, y_o), _capture_outputs(down, y_down)]
+    try:
+        dense_out = run_layer(layer, dense_in)
+    finally:
+        for h in handles:
+            h.remove()
+    errors: dict[str, float] = {}
+    mlp_module = layer.get_submodule(arch.sub_block("mlp")[0])
+    if not bool(attn_keep.all()):
+        remove_kv_groups(layer, arch, layout, attn_keep, means[0])
+        if bool(attn_keep.any()):
+            stats = _accumulate(layer, linear_at(layer, arch.o), compressed_in, y_o, mlp_module)
+            weight, bias = ridge_refit(stats, linear_at(layer, arch.o).weight, alpha)
+            _install(layer, arch.o, weight, bias)
+            errors["attn"] = relative_residual(stats, weight, bias)
+    if not bool(mlp_keep.all()):
+        remove_mlp_channels(layer, arch, mlp_keep, means[1])
+        if bool(mlp_keep.any()):
+            stats = _accumulate(layer, linear_at(layer, arch.down), compressed_in, y_down, None)
+            weight, bias = ridge_refit(stats, linear_at(layer, arch.down).weight, alpha)
+            _install(layer, arch.down, weight, bias)
+            errors["mlp"] = relative_residual(stats, weight, bias)
+    changed = not (bool(attn_keep.all()) and bool(mlp_keep.all()))
+    same_stream = compressed_in.hidden is dense_in.hidden  # nothing before this layer was changed
+    compressed_out = dense_out if same_stream and not changed else run_layer(layer, compressed_in)
+    return dense_out, compressed_out, errors
+
+
+def reconstruct_model(
+    model: nn.Module,
+    arch: Arch,
+    calibration_ids: Tensor,
+    attn_keep: list[Tensor],
+    mlp_keep: list[Tensor],
+    alpha: float,
+    stats: list[LayerStats] | list[None],
+    batch_size: int = 8,
+    device: str | None = None,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Prune the dense ``model`` in place with least-squares reconstruction; one record per layer."""
+    config = model_config(model)
+    records: list[dict[str, float]] = []
+
+    def visit(
+        index: int, _dense: nn.Module, layer: nn.Module, dense_in: LayerInputs, compressed_in: LayerInputs
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        st = stats[index]
+        means = (st["o"].mean, st["down"].mean) if st is not None else (None, None)
+        layout = attention_layout(config, layer, arch)
+        dense_out, compressed_out, errors = reconstruct_layer(
+            layer, arch, layout, attn_keep[index], mlp_keep[index], dense_in, compressed_in, alpha, means
+        )
+        records.append(errors)
+        if progress is not None:
+            progress(index, errors)
+        return dense_out, compressed_out
+
+    calibrate_paired(model, model, arch, calibration_ids, visit, batch_size, device, "least squares")
+    return records
