@@ -52,7 +52,7 @@ int gemv_input_order(int k);
 void gemv_rows_avx2(const PackedView& p, const GemvArgs& a, int64_t row_begin, int64_t row_end);
 void dequantize_rows_f32_avx2(const PackedView& p, float* out, int64_t row_begin, int64_t row_end);
 
-// AVX-512F GEMV (kernels_avx512.cpp): same coverage as the AVX2 one; its own x order per word.
+// AVX-512 (F, BW) + GFNI GEMV (kernels_avx512.cpp): same coverage as the AVX2 one; its own x order per word.
 bool avx512_supported();
 int gemv_input_order_avx512(int k);
 void gemv_rows_avx512(const PackedView& p, const GemvArgs& a, int64_t row_begin, int64_t row_end);

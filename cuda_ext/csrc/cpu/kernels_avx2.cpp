@@ -114,10 +114,11 @@ namespace {
 
 int64_t words_per_group(const PackedView& p) { return p.n_groups == 1 ? p.words : p.group_size / kWordBits; }
 
-// y[b, row] for NB activation rows starting at x; CHAINS independent accumulators per row hide FMA latency.
+// y[b, row] for NB activation rows starting at x; CHAINS independent accumulators per activation row hide the FMA
+// latency (4 cycles): vector c of word w adds into chain (4 (w & 1) + c) % CHAINS.
 template <int BITS, int NB>
 SECATEURS_AVX2 void gemv_row(const PackedView& p, const float* x, int64_t x_stride, int64_t row, float* y) {
-  constexpr int CHAINS = NB >= 4 ? 1 : (NB == 1 ? 4 : 2);
+  constexpr int CHAINS = NB == 1 ? 8 : (NB == 2 ? 4 : 2);
   __m256 acc[NB][CHAINS];
   for (int b = 0; b < NB; ++b)
     for (int k = 0; k < CHAINS; ++k) acc[b][k] = _mm256_setzero_ps();
@@ -134,8 +135,9 @@ SECATEURS_AVX2 void gemv_row(const PackedView& p, const float* x, int64_t x_stri
       const float* xw = x + w * kWordBits;
       for (int c = 0; c < 4; ++c) {
         const __m256 v = lookup8_from<BITS>(nibbles + c / 2, c % 2 ? shifts_odd : shifts_even, lo, hi);
+        const int chain = int(4 * (w & 1) + c) % CHAINS;
         for (int b = 0; b < NB; ++b)
-          acc[b][c % CHAINS] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xw + b * x_stride + 8 * c), acc[b][c % CHAINS]);
+          acc[b][chain] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xw + b * x_stride + 8 * c), acc[b][chain]);
       }
     }
   }
