@@ -70,7 +70,7 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     out = out or cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
     if (out / "config.json").exists():
         return out
-    log.info("converting %s to fp32 safetensors in %s (once)", gguf.name, out)
+    check_gguf_header(gguf)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -78,6 +78,7 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
         raise InputError(
             f"GGUF file {shown(str(gguf))} cannot be read: {type(err).__name__}: {one_line(err, 120)}"
         ) from None
+    log.info("converting %s to fp32 safetensors in %s (once)", gguf.name, out)  # after it proved readable
     model.hf_quantizer = None  # type: ignore[assignment]  # the GGUF quantizer blocks save_pretrained; weights are already dequantised
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -93,6 +94,18 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_gguf_header(path: Path) -> None:
+    """InputError unless ``path`` starts like a GGUF file that transformers reads (magic "GGUF", version 2 or 3)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise InputError(f"GGUF file {shown(str(path))} cannot be read: {err.strerror}") from None
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+    if head[:4] != b"GGUF" or version not in (2, 3):
+        raise InputError(f"GGUF file {shown(str(path))} is not a GGUF v2/v3 file (header {shown(head)})")
 
 
 def resolve_source(source: str) -> Path | str:
@@ -162,7 +175,7 @@ def _load_local(folder: Path, source: str, dtype: torch.dtype, verify_hashes: bo
     config = read_json(folder / "config.json", f"model {shown(source)}")
     if (folder / PROVENANCE_FILE).exists() or "secateurs_layers" in config:
         count = verify_checkpoint(folder, hashes=verify_hashes)
-        log.info("verified %d tensors of %s%s", count, folder, " (sha256 included)" if verify_hashes else "")
+        log.debug("verified %d tensors of %s%s", count, folder, " (sha256 included)" if verify_hashes else "")
         return load_checkpoint_model(folder, dtype=dtype)
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)

@@ -172,6 +172,13 @@ MODEL = [
         setup=_write("x.gguf", b"GGUF" + b"\xff" * 64),
     ),
     Case(
+        "model",
+        "GGUF v3 header, garbage after",
+        "model: '{tmp}/y.gguf'\nevaluation: null\n",
+        "y.gguf",
+        setup=_write("y.gguf", b"GGUF\x03\x00\x00\x00" + b"\xff" * 64),
+    ),
+    Case(
         "model", "text file as model", "model: '{tmp}/x.txt'\nevaluation: null\n", "x.txt", setup=_write("x.txt", "hi")
     ),
     Case(

@@ -236,9 +236,10 @@ def run_damage(damage: Damage, references: dict[str, Path], work: Path, command:
     argv = [command, str(folder)] + (["--tasks", "", "--ppl-windows", "2"] if command == "eval" else [])
     err, out = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)
-    handler.setLevel(logging.WARNING)
     logger = logging.getLogger("secateurs")
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # what the CLI shows
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             code = cli.main(argv)
@@ -246,6 +247,7 @@ def run_damage(damage: Damage, references: dict[str, Path], work: Path, command:
         return DamageResult(-1, [f"{type(exc).__name__}: {exc}"], f"raised {type(exc).__name__}: {str(exc)[:200]}")
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     lines = [line for line in err.getvalue().splitlines() if line.strip()]
     problem = None
     if code != 2:

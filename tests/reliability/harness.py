@@ -79,6 +79,8 @@ def run_case(case: Case, tmp: Path, model_dir: Path) -> Outcome:
     handler = logging.StreamHandler(err)
     logger = logging.getLogger("secateurs")
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # what the CLI shows (logging.basicConfig(level=INFO) in compress.cli)
     loaded = []
     real_load = pipeline.load_model
 
@@ -94,6 +96,7 @@ def run_case(case: Case, tmp: Path, model_dir: Path) -> Outcome:
     finally:
         os.chdir(cwd)
         logger.removeHandler(handler)
+        logger.setLevel(level)
     after = snapshot(tmp, model_dir)
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
     return Outcome(code, [line for line in err.getvalue().splitlines() if line.strip()], bool(loaded), changed)
