@@ -132,6 +132,29 @@ def fused_max_batch() -> int:
     return GEMV_MAX_BATCH if available() else 0
 
 
+def fused_gemv(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    type_ids: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    tables: torch.Tensor,
+    in_features: int,
+    group_size: int,
+) -> torch.Tensor | None:
+    """The fused GEMV called directly, without the op dispatcher (~0.1 ms a call on a 2-core CPU, as much as the
+    kernel itself on a small layer): y [..., out] for fp32 x [..., in] with 1..GEMV_MAX_BATCH rows, else None.
+    Same kernel and result as ``quant_matmul``; no autograd, no torch.compile tracing (callers check both)."""
+    ext = _state["module"]
+    rows = x.numel() // max(in_features, 1)
+    if ext is None or x.dtype != torch.float32 or not 1 <= rows <= GEMV_MAX_BATCH or in_features < 1:
+        return None
+    if x.shape[-1] != in_features or not _kernel_covers(planes, tables, group_size):
+        return None
+    y = ext.gemv(x.reshape(rows, in_features), planes, type_ids, scales, zeros, tables, in_features, group_size)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def extension() -> ModuleType | None:
     """The loaded extension module (``supported_isas()``, ``set_max_isa(name)``), or None."""
     return _state["module"]

@@ -120,14 +120,26 @@ class QuantLinear(nn.Module):
         kernels) and dequantise-then-matmul above; with :meth:`cache_dequantized` on, the latter reuses a cached Ŵ.
         """
         cached = self._cached_weight(x)
+        direct = None if cached is not None else self._direct_gemv(x)
         if cached is not None:
             y = x @ cached.T  # the op's own computation above the fused threshold, minus the dequantisation
+        elif direct is not None:
+            y = direct
         else:
             y = torch.ops.secateurs.quant_matmul(
                 x, self.planes, self.type_ids, self.scales, self.zeros, self.tables,
                 self.in_features, self.group_size,
             )  # fmt: skip
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _direct_gemv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The CPU fused GEMV without the op dispatcher (decoding: its overhead is as long as a small layer's GEMV);
+        None where the op is needed (autograd, torch.compile) or the kernel does not apply."""
+        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return None
+        return cpu_impl.fused_gemv(
+            x, self.planes, self.type_ids, self.scales, self.zeros, self.tables, self.in_features, self.group_size
+        )
 
     def cache_dequantized(self, enabled: bool = True) -> None:
         """Keep Ŵ in x.dtype between calls for inputs above the fused-GEMV batch (prefill): trades the memory of a

@@ -194,6 +194,9 @@ def test_missing_extension_is_logged_once(monkeypatch, caplog) -> None:
 def test_quant_linear_uses_the_kernels_end_to_end() -> None:
     layer = QuantLinear.from_quantized(choose_group_datatypes(torch.randn(33, 200), "nf4", 64))
     x = torch.randn(2, 200)
-    y = layer(x)
+    y = layer(x)  # the direct call of the fused GEMV, without the op dispatcher
     packed = (layer.planes, layer.type_ids, layer.scales, layer.zeros, layer.tables, 200, 64)
     assert _within_gemv_bound(y, x, packed).all()
+    assert torch.equal(y, torch.ops.secateurs.quant_matmul(x, *packed))  # the same kernel through the op
+    x_grad = x.clone().requires_grad_()
+    assert torch.equal(layer(x_grad), y)  # autograd goes through the op: same values
