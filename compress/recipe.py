@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from compress.errors import one_line, shown
+from compress.puzzle.config import PuzzleConfig
 from quant.errors import InputError
 
 MAX_COUNT = 2**20  # upper bound of sample/window/batch/length counts: larger ones only exhaust memory
@@ -86,7 +87,10 @@ class PruneConfig(Strict):
     method: Literal["flap", "wanda-sp", "magnitude-sp"] = "flap"
     ratio: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of prunable decoder parameters removed")
     metric: Literal["WIFV", "IFV", "WIFN"] = "WIFV"
-    structure: Literal["AL-AM", "AL-MM", "UL-UM", "UL-MM"] | None = None
+    structure: Literal["AL-AM", "AL-MM", "UL-UM", "UL-MM", "puzzle"] | None = None
+    puzzle: PuzzleConfig | None = Field(
+        None, description="structure: puzzle — library, scoring and budgets (defaults when omitted)"
+    )
     attn_ratio: float | None = Field(None, ge=0.0, lt=1.0)
     uniform_rounding: Literal["floor", "nearest"] | None = Field(
         None,
@@ -158,6 +162,21 @@ class PruneConfig(Strict):
         if "bias_compensation" in self.model_fields_set and self.bias_compensation is not wanted:
             raise ValueError(f"reconstruct: {self.reconstruct} contradicts bias_compensation: {self.bias_compensation}")
         self.bias_compensation = wanted
+        return self
+
+    @model_validator(mode="after")
+    def _puzzle(self) -> PruneConfig:
+        """Puzzle chooses the widths itself (FLAP units, dense statistics, compensation); its settings only with it."""
+        if self.structure != "puzzle":
+            if self.puzzle is not None:
+                raise ValueError("puzzle settings are only used with structure: puzzle")
+            return self
+        if self.method != "flap" or self.statistics != "dense" or self.explicit or self.bias_compensation is False:
+            raise ValueError(
+                "structure: puzzle needs method flap, dense statistics, bias compensation and no explicit widths"
+            )
+        if self.puzzle is None:
+            self.puzzle = PuzzleConfig()
         return self
 
     @property

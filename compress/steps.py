@@ -20,6 +20,7 @@ from compress.nas.engine import NasEngine
 from compress.nas.evolve import EvolutionConfig, evolve
 from compress.nas.space import Candidate
 from compress.prune.pruner import apply_masks, plan_masks, prune_model
+from compress.puzzle.step import run_puzzle
 from compress.quantize import quantize_model, weight_storage
 from compress.recipe import DistillStep, NasStep, PruneStep, QuantizeStep, Step
 from compress.recover.step import distill_step
@@ -45,7 +46,11 @@ StepHandler = Callable[[Any, StepContext], dict[str, Any]]
 
 def prune_step(step: PruneStep, ctx: StepContext) -> dict[str, Any]:
     cfg = step.prune
-    record = prune_model(ctx.model, ctx.arch, cfg, ctx.calibration, ctx.batch_size, ctx.device)
+    if cfg.structure == "puzzle":
+        assert cfg.puzzle is not None
+        record = run_puzzle(ctx.model, ctx.arch, cfg.ratio, cfg.puzzle, ctx.calibration, ctx.batch_size)
+    else:
+        record = prune_model(ctx.model, ctx.arch, cfg, ctx.calibration, ctx.batch_size, ctx.device)
     record["config"] = cfg.model_dump(mode="json")
     record["summary"] = f"{cfg.method} {cfg.structure} ratio={cfg.ratio}"
     return record

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_COUNT = 2**20  # as compress.recipe: larger counts only exhaust memory
+
 
 class PuzzleConfig(BaseModel):
     """Block library, replace-one-block scoring and the budgets of the integer program.
@@ -14,7 +16,7 @@ class PuzzleConfig(BaseModel):
     dense parameters − ratio × prunable decoder parameters (compensation biases and no-op constants included).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     score: Literal["kl", "lm_loss"] = Field("kl", description="KL(parent ‖ variant) or the LM-loss increase")
     estimate: Literal["exact", "local"] = Field(
@@ -22,9 +24,9 @@ class PuzzleConfig(BaseModel):
         description="exact: every variant through the rest of the model; local: the smallest variant of each "
         "sub-block exactly, the others by their local output error scaled to it (cheaper)",
     )
-    samples: int = Field(4, ge=1, description="scoring sequences (the first rows of the calibration draw)")
-    seq_len: int = Field(128, ge=8)
-    mlp_steps: int = Field(16, ge=1, description="MLP widths on the grid F·j/mlp_steps, j = 1..mlp_steps")
+    samples: int = Field(4, ge=1, le=MAX_COUNT, description="scoring sequences (first calibration rows)")
+    seq_len: int = Field(128, ge=8, le=MAX_COUNT)
+    mlp_steps: int = Field(16, ge=1, le=4096, description="MLP widths on the grid F·j/mlp_steps, j = 1..mlp_steps")
     allow_noop: bool = True
     kv_cache_ratio: float | None = Field(None, gt=0.0, le=1.0, description="max fraction of the dense KV cache")
     latency_ratio: float | None = Field(

@@ -66,10 +66,14 @@ class ScoredLibrary:
         return float(sum(row[0] for row in self.costs[name]))
 
 
-def _model_key(model: nn.Module, ids: Tensor, cfg: PuzzleConfig, shape: BlockShape) -> str:
+def _library_key(model: nn.Module, stats: list[LayerStats], ids: Tensor, cfg: PuzzleConfig, shape: BlockShape) -> str:
+    """Parent weights, the statistics that choose units and compensate, scoring tokens and library settings."""
     digest = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         digest.update(name.encode() + tensor_sha256(p).encode())
+    for layer_stats in stats:
+        for name, st in sorted(layer_stats.items()):
+            digest.update(name.encode() + tensor_sha256(st.total).encode() + tensor_sha256(st.total_sq).encode())
     digest.update(tensor_sha256(ids).encode())
     settings = {"estimate": cfg.estimate, "mlp_steps": cfg.mlp_steps, "noop": cfg.allow_noop, **asdict(shape)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -156,7 +160,7 @@ def cached_library(
 ) -> tuple[ScoredLibrary, bool]:
     """The scored library from the on-disk cache (keyed by parent weights, scoring tokens, settings) or scored
     now and stored; returns (library, came from the cache)."""
-    key = _model_key(model, ids, cfg, block_shape(model, arch))
+    key = _library_key(model, stats, ids, cfg, block_shape(model, arch))
     folder = Path(cfg.cache_dir) if cfg.cache_dir else secateurs_cache() / "puzzle"
     path = folder / f"library-{key}.json"
     if path.exists():
