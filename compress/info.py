@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from compress.adapters import arch_for, attention_layout, decoder_layers, is_skipped, linear_shape, model_config
-from compress.prune.pruner import count_parameters, prunable_parameters
+from compress.metrics import count_parameters, prunable_parameters, tensor_bytes
 from compress.quantize import quant_linears, weight_storage
 
 
@@ -30,12 +30,11 @@ def describe(model: nn.Module, folder: Path | None = None) -> dict[str, Any]:
                 "params": count_parameters(layer),
             }
         )
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     out: dict[str, Any] = {
         "architecture": model_config(model).architectures[0],
         "params": count_parameters(model),
         "prunable_params": prunable_parameters(model, arch),
-        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "tensor_bytes": tensor_bytes(model),
         "quantized_linears": len(quant_linears(model)),
         **weight_storage(model),
         "layers": layers,

@@ -19,8 +19,8 @@ from compress.eval_cache import cached_evaluation
 from compress.evaluate import comparison_rows, evaluate_model
 from compress.lm_tasks import resolve_tasks
 from compress.loading import load_model, resolve_source
+from compress.metrics import count_parameters, prunable_parameters
 from compress.output_dir import clean_leftovers
-from compress.prune.pruner import count_parameters, prunable_parameters
 from compress.recipe import (
     EvaluationConfig,
     QuantizeStep,

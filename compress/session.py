@@ -1,71 +1,33 @@
-"""A loaded dense model reused across many candidate recipes (the search driver's evaluation engine).
+"""A recipe's steps on the dense-model cache, measured through the metric table (the search's evaluator).
 
 ``secateurs run`` loads a model, compresses it once and writes a checkpoint. A search evaluates hundreds of
-variants of one recipe on the same model: :class:`Session` loads the model, draws the calibration tokens and
-collects the dense FLAP statistics once, then applies each candidate recipe's steps to a fresh copy with the same
-step code as ``run`` (dense-statistics prune steps reuse the cached statistics; that is what ``run`` computes
-too, so a materialised trial reproduces its measurement).
+variants of one recipe on the same model: :class:`Session` loads the model and draws the calibration tokens once,
+keeps the shared dense state in a :class:`compress.candidates.DenseCache`, applies each candidate recipe's steps
+to a fresh copy with the same step code as ``run`` (a dense-statistics prune step is realised from the cached
+statistics, which is what ``run`` computes too, so a materialised trial reproduces its measurement), and measures
+it through :mod:`compress.metrics`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from compress.adapters import (
-    Arch,
-    arch_for,
-    attention_layout,
-    decoder_layers,
-    linear_at,
-    linear_shape,
-    model_config,
-    present_linears,
-    set_submodule,
-)
-from compress.calibration import LayerStats
+from compress.adapters import arch_for
+from compress.candidates import DenseCache
 from compress.corpus import calibration_batches
-from compress.evaluate import lm_eval_tasks, perplexity
+from compress.evaluate import lm_eval_tasks
 from compress.loading import load_model
-from compress.nas.proxy import TraceProxy
-from compress.prune.pruner import apply_masks, collect_statistics, count_parameters, plan_masks, prunable_parameters
-from compress.quantize import module_settings, quant_linears, target_paths
-from compress.recipe import (
-    LmEvalConfig,
-    NasStep,
-    PerplexityConfig,
-    PruneConfig,
-    PruneStep,
-    QuantizeConfig,
-    QuantizeStep,
-    Recipe,
-)
+from compress.metrics import Probe, measure
+from compress.prune.pruner import needs_statistics
+from compress.recipe import LmEvalConfig, NasStep, PerplexityConfig, PruneStep, QuantizeStep, Recipe
 from compress.steps import StepContext, apply_step
 from quant.errors import InputError
-from quant.qlinear import QuantLinear
-from quant.quantize import quantize_linear
-
-OBJECTIVES = ("ppl", "phi", "phi_norm", "params", "prunable_params", "bytes", "avg_bits", "latency_ms")
-LOWER_IS_BETTER = {"ppl", "params", "prunable_params", "bytes", "avg_bits", "latency_ms"}
-
-
-def direction(objective: str) -> str:
-    """ "minimize" or "maximize" for an objective name (lm_eval metrics: perplexities and bits/byte minimise)."""
-    if objective.startswith("lm_eval:"):
-        metric = objective.split("/")[-1]
-        return "minimize" if "perplexity" in metric or "bits_per_byte" in metric else "maximize"
-    if objective not in OBJECTIVES:
-        raise InputError(
-            f"unknown objective {objective!r}; expected one of {list(OBJECTIVES)} or lm_eval:<task>/<metric>"
-        )
-    return "minimize" if objective in LOWER_IS_BETTER else "maximize"
 
 
 @dataclass
@@ -79,127 +41,82 @@ class Built:
 
 
 class Session:
-    """Loaded dense model + calibration tokens + dense statistics, reused across many candidate recipes."""
+    """Loaded dense model + its :class:`DenseCache`, reused across many candidate recipes."""
 
     def __init__(
         self, recipe: Recipe, model: nn.Module, tokenizer: Any, proxy_samples: int = 4, proxy_seq_len: int = 128
     ):
         self.recipe = recipe
-        self.model = model.eval()
         self.tokenizer = tokenizer
-        self.arch: Arch = arch_for(model.config)
         cal = recipe.calibration
-        self.calibration = calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, recipe.seed)
-        self.proxy_samples = proxy_samples
-        self.proxy_seq_len = proxy_seq_len
-        self._stats: list[LayerStats] | None = None
-        self._proxy: TraceProxy | None = None
+        calibration = calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, recipe.seed)
+
+        def proxy_tokens() -> Tensor:
+            return calibration_batches(tokenizer, cal.data, proxy_samples, proxy_seq_len, recipe.seed + 1)
+
+        self.cache = DenseCache(model, arch_for(model.config), calibration, cal.batch_size, None, proxy_tokens)
+        self.arch = self.cache.arch
+        self.num_layers, self.n_kv = self.cache.num_layers, self.cache.n_kv
+        self.intermediate_size, self.layers_prefix = self.cache.intermediate_size, self.cache.layers_prefix
         self._last: tuple[str, Built] | None = None  # the last candidate built (measure is often called twice)
-        # packed linears by (steps before, linear name, datatype set, group size, shrink factors): a plain
-        # (not activation-aware) quantization of a linear depends on nothing else, so mixed-precision candidates
-        # share them; the weights are read-only once packed
-        self._packed: dict[tuple[str, str, str, int | None, tuple[float, ...]], QuantLinear] = {}
-        layers = decoder_layers(model, self.arch)
-        self.num_layers = len(layers)
-        self.n_kv = attention_layout(model_config(model), layers[0], self.arch).n_kv
-        self.intermediate_size = linear_shape(layers[0], self.arch.down)[1]
 
     @classmethod
     def open(cls, recipe: Recipe, proxy_samples: int = 4, proxy_seq_len: int = 128) -> Session:
         loaded = load_model(recipe.model, dtype=getattr(torch, recipe.dtype), device=recipe.device)
         return cls(recipe, loaded.model, loaded.tokenizer, proxy_samples, proxy_seq_len)
 
-    @property
-    def dense_stats(self) -> list[LayerStats]:
-        if self._stats is None:
-            self._stats = collect_statistics(
-                self.model, self.arch, self.calibration, self.recipe.calibration.batch_size
-            )
-        return self._stats
-
-    @property
-    def proxy(self) -> TraceProxy:
-        if self._proxy is None:
-            cal = self.recipe.calibration
-            ids = calibration_batches(
-                self.tokenizer, cal.data, self.proxy_samples, self.proxy_seq_len, self.recipe.seed + 1
-            )
-            self._proxy = TraceProxy(self.model, self.arch, ids)
-        return self._proxy
-
-    def allocation(self, cfg: PruneConfig) -> dict[str, list[int]]:
-        """Kept KV groups and MLP widths per layer that ``cfg`` gives on this model (no surgery, no copy)."""
-        stats = self.dense_stats if cfg.method != "magnitude-sp" else [None] * self.num_layers
-        attn, mlp = plan_masks(self.model, self.arch, cfg, stats)
-        return {"kv_groups": [int(a.sum()) for a in attn], "intermediate_sizes": [int(m.sum()) for m in mlp]}
+    def allocation(self, cfg: Any) -> tuple[list[int], list[int]]:
+        """Kept KV groups and MLP widths per layer that a prune config gives on this model (no surgery, no copy)."""
+        return self.cache.allocation(cfg)
 
     def build(self, recipe: Recipe, keep_float: bool = False) -> Built:
         """Apply ``recipe.steps`` to a copy of the dense model (model, calibration and seed come from the session).
 
         ``keep_float`` also keeps a copy of the model as it was before its first quantize step (for Φ)."""
-        model = copy.deepcopy(self.model)
-        ctx = StepContext(
-            model,
-            self.tokenizer,
-            self.arch,
-            self.calibration,
-            recipe.calibration.batch_size,
-            recipe.device,
-            self.recipe.seed,
-            recipe.calibration.data,
-        )
-        built = Built(model, [])
+        built: Built | None = None
+        ctx: StepContext | None = None
         for index, step in enumerate(recipe.steps):
             if isinstance(step, NasStep):
                 raise InputError(f"steps.{index}: a nas step cannot be part of a search candidate (search its space)")
-            if isinstance(step, PruneStep) and step.prune.statistics == "dense" and step.prune.method != "magnitude-sp":
-                if built.masks is not None:
-                    raise InputError(f"steps.{index}: one prune step per candidate")
-                cfg = step.prune
-                attn, mlp = plan_masks(model, self.arch, cfg, self.dense_stats)
-                apply_masks(model, self.arch, cfg, self.dense_stats, attn, mlp)
-                built.masks = (attn, mlp)
-                built.steps.append(
-                    {
-                        "summary": f"{cfg.method} (session, dense statistics)",
-                        "kv_groups": [int(a.sum()) for a in attn],
-                        "intermediate_sizes": [int(m.sum()) for m in mlp],
-                    }
-                )
+            cached_prune = isinstance(step, PruneStep) and (
+                step.prune.statistics == "dense" or not needs_statistics(step.prune)
+            )
+            if cached_prune and built is None:
+                assert isinstance(step, PruneStep)
+                realized = self.cache.realize(step.prune)
+                built = Built(realized.model, [], masks=(realized.attn, realized.mlp))
+                summary = f"{step.prune.method} (session, dense statistics)"
+                built.steps.append({"summary": summary, **realized.summary()})
                 continue
+            if cached_prune:
+                raise InputError(f"steps.{index}: one prune step per candidate")
+            if built is None:
+                built = Built(self.cache.copy(), [])
+            if ctx is None:
+                ctx = StepContext(
+                    built.model, self.tokenizer, self.arch, self.cache.calibration, recipe.calibration.batch_size,
+                    recipe.device, self.recipe.seed, recipe.calibration.data,
+                )  # fmt: skip
             if isinstance(step, QuantizeStep) and keep_float and built.pruned is None:
-                built.pruned = copy.deepcopy(model)
+                built.pruned = copy.deepcopy(built.model)
             if isinstance(step, QuantizeStep) and not step.quantize.activation_aware:
                 before = json.dumps([s.model_dump(mode="json") for s in recipe.steps[:index]], sort_keys=True)
-                built.steps.append(self._quantize_cached(model, step.quantize, before))
+                modules = self.cache.quantize(built.model, step.quantize, before)
+                built.steps.append({"summary": f"quantize {step.quantize.dtypes} (session cache)", "modules": modules})
                 continue
             built.steps.append(apply_step(step, ctx))
+        if built is None:
+            built = Built(self.cache.copy(), [])
         if built.pruned is None and not any(isinstance(step, QuantizeStep) for step in recipe.steps):
-            built.pruned = model
+            built.pruned = built.model
         return built
 
-    def _quantize_cached(self, model: nn.Module, cfg: QuantizeConfig, before: str) -> dict[str, Any]:
-        """The quantize step (plain datatype choice) with packed linears reused across candidates; the same
-        ``quantize_linear`` call as :func:`compress.quantize.quantize_model` makes, so the result is identical."""
-        record: dict[str, str] = {}
-        for index, layer in enumerate(decoder_layers(model, self.arch)):
-            for path in target_paths(cfg, self.arch, layer):
-                full = f"{self.arch.layers}.{index}.{path}"
-                dtypes, group_size = module_settings(cfg, full)
-                key = (before, full, dtypes, group_size, tuple(cfg.shrink_factors))
-                if key not in self._packed:
-                    self._packed[key] = quantize_linear(linear_at(layer, path), dtypes, group_size, cfg.shrink_factors)
-                set_submodule(layer, path, self._packed[key])
-                record[full] = dtypes
-        return {"summary": f"quantize {cfg.dtypes} (session cache)", "modules": record}
-
     def measure(self, recipe: Recipe, objectives: list[str]) -> dict[str, float]:
-        """Objective values of one candidate recipe (see :data:`OBJECTIVES`; plus ``lm_eval:<task>/<metric>``).
+        """Values of the metrics ``objectives`` (names of :data:`compress.metrics.METRICS` or
+        ``lm_eval:<task>/<metric>``) for one candidate recipe.
 
         Φ / Φ_norm are computed on the pruned model before any quantize step (the proxy needs float weights) and
         need a dense-statistics prune step (or none)."""
-        for name in objectives:
-            direction(name)
         wants_phi = "phi" in objectives or "phi_norm" in objectives
         key = json.dumps([s.model_dump(mode="json") for s in recipe.steps], sort_keys=True)
         if self._last is not None and self._last[0] == key and (self._last[1].pruned is not None or not wants_phi):
@@ -208,84 +125,39 @@ class Session:
             self._last = None  # free the previous candidate before building the next
             built = self.build(recipe, keep_float=wants_phi)
             self._last = (key, built)
-        model = built.model
-        out: dict[str, float] = {}
-        if wants_phi:
+        ev = recipe.evaluation
+        probe = Probe(
+            built.model,
+            self.arch,
+            self.tokenizer,
+            self.cache.calibration,
+            ev.perplexity if ev is not None and ev.perplexity is not None else PerplexityConfig(),
+            phi=self._phi(recipe, built),
+            lm_eval=self._lm_eval(recipe, built.model),
+        )
+        return measure(probe, objectives)
+
+    def _phi(self, recipe: Recipe, built: Built) -> Any:
+        def score() -> Any:
             masks = built.masks
             if masks is None:
                 if any(isinstance(s, PruneStep) for s in recipe.steps):
                     raise InputError("objective phi: needs prune.statistics: dense (progressive masks are not known)")
-                layers = decoder_layers(self.model, self.arch)
                 masks = (
-                    [torch.ones(self.n_kv, dtype=torch.bool)] * len(layers),
-                    [torch.ones(self.intermediate_size, dtype=torch.bool)] * len(layers),
+                    [torch.ones(self.n_kv, dtype=torch.bool)] * self.num_layers,
+                    [torch.ones(self.intermediate_size, dtype=torch.bool)] * self.num_layers,
                 )
             assert built.pruned is not None
-            score = self.proxy.score(built.pruned, *masks)
-            out["phi"], out["phi_norm"] = score.phi, score.phi_norm
-        if "ppl" in objectives:
-            ev = recipe.evaluation
-            cfg = ev.perplexity if ev is not None and ev.perplexity is not None else PerplexityConfig()
-            out["ppl"] = perplexity(model, self.tokenizer, cfg)["perplexity"]
-        if "params" in objectives:
-            out["params"] = float(count_parameters(model))
-        if "prunable_params" in objectives:
-            out["prunable_params"] = float(prunable_parameters(model, self.arch))
-        if "bytes" in objectives:
-            out["bytes"] = float(tensor_bytes(model))
-        if "avg_bits" in objectives:
-            out["avg_bits"] = average_bits(model, self.arch)
-        if "latency_ms" in objectives:
-            out["latency_ms"] = forward_latency_ms(model, self.calibration)
-        lm_eval = [o for o in objectives if o.startswith("lm_eval:")]
-        if lm_eval:
-            ev = recipe.evaluation
-            base = ev.lm_eval if ev is not None and ev.lm_eval is not None else LmEvalConfig()
-            tasks = sorted({o.split(":", 1)[1].split("/")[0] for o in lm_eval})
-            metrics = lm_eval_tasks(model, self.tokenizer, base.model_copy(update={"tasks": tasks}), self.recipe.seed)
-            for o in lm_eval:
-                key = o.split(":", 1)[1]
-                if key not in metrics["metrics"]:
-                    raise InputError(f"objective {o!r}: lm-eval reported {sorted(metrics['metrics'])}")
-                out[o] = metrics["metrics"][key]
-        return out
+            return self.cache.proxy.score(built.pruned, *masks)
 
+        return score
 
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of all unique parameters and buffers (what the checkpoint's safetensors hold, ± headers)."""
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    def _lm_eval(self, recipe: Recipe, model: nn.Module) -> Any:
+        ev = recipe.evaluation
+        base = ev.lm_eval if ev is not None and ev.lm_eval is not None else LmEvalConfig()
 
+        def run(tasks: list[str]) -> dict[str, float]:
+            cfg = base.model_copy(update={"tasks": tasks})
+            return dict(lm_eval_tasks(model, self.tokenizer, cfg, self.recipe.seed)["metrics"])
 
-def average_bits(model: nn.Module, arch: Arch) -> float:
-    """Stored bits per weight over all decoder linears (packed: planes + scales + type ids + zero points +
-    tables; float: the element size)."""
-    packed = quant_linears(model)
-    bits, weights = 0, 0
-    for index, layer in enumerate(decoder_layers(model, arch)):
-        for path in present_linears(layer, arch):
-            name = f"{arch.layers}.{index}.{path}"
-            module = packed.get(name)
-            if module is not None:
-                bits += 8 * sum(t.numel() * t.element_size() for n, t in module.named_buffers() if n != "bias")
-                weights += module.in_features * module.out_features
-            else:
-                w = linear_at(layer, path).weight
-                bits += 8 * w.numel() * w.element_size()
-                weights += w.numel()
-    return bits / weights
-
-
-@torch.no_grad()
-def forward_latency_ms(model: Any, calibration: Tensor, tokens: int = 512, repeats: int = 3) -> float:
-    """Median wall time (ms) of one forward over ``tokens`` tokens (batch 1), after one warm-up."""
-    ids = calibration.reshape(1, -1)[:, :tokens]
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    model(input_ids=ids, use_cache=False)
-    times = []
-    for _ in range(repeats):
-        clock = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        times.append(1000 * (time.perf_counter() - clock))
-    return statistics.median(times)
+        return run

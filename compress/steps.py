@@ -15,8 +15,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from compress.adapters import Arch
+from compress.candidates import DenseCache
 from compress.corpus import calibration_batches
-from compress.nas.engine import NasEngine
 from compress.nas.evolve import EvolutionConfig, evolve
 from compress.nas.space import Candidate
 from compress.prune.pruner import apply_masks, plan_masks, prune_model
@@ -77,20 +77,14 @@ def nas_step(step: NasStep, ctx: StepContext) -> dict[str, Any]:
     if ctx.calibration is None:
         raise ValueError("the nas step needs calibration data")
     clock = time.perf_counter()
-    proxy_ids = calibration_batches(
-        ctx.tokenizer, ctx.calibration_data, cfg.proxy_samples, cfg.proxy_seq_len, ctx.seed + 1
-    )
-    engine = NasEngine(
-        ctx.model,
-        ctx.arch,
-        ctx.calibration,
-        proxy_ids,
-        ctx.batch_size,
-        mlp_step=cfg.mlp_step,
-        skip_from=cfg.skip_from,
-        allow_skip=cfg.allow_skip,
-        bias_compensation=cfg.bias_compensation,
-    )
+
+    def proxy_tokens() -> Tensor:
+        return calibration_batches(
+            ctx.tokenizer, ctx.calibration_data, cfg.proxy_samples, cfg.proxy_seq_len, ctx.seed + 1
+        )
+
+    cache = DenseCache(ctx.model, ctx.arch, ctx.calibration, ctx.batch_size, None, proxy_tokens)
+    engine = cache.nas(cfg.mlp_step, cfg.skip_from, cfg.allow_skip, cfg.bias_compensation)
     evo = EvolutionConfig(
         ratio=cfg.params_ratio,
         tolerance=cfg.tolerance,
@@ -120,8 +114,8 @@ def nas_step(step: NasStep, ctx: StepContext) -> dict[str, Any]:
     result = evolve(engine.spec, score, evo, seeds, progress)
     best = result.best
     prune_cfg = engine.prune_config(best)
-    attn, mlp = plan_masks(ctx.model, ctx.arch, prune_cfg, engine.stats)
-    apply_masks(ctx.model, ctx.arch, prune_cfg, engine.stats, attn, mlp)
+    attn, mlp = plan_masks(ctx.model, ctx.arch, prune_cfg, cache.stats)
+    apply_masks(ctx.model, ctx.arch, prune_cfg, cache.stats, attn, mlp)
     skipped = [[n for n, k in (("attn", a), ("mlp", c)) if k == 0] for a, c in zip(best.attn, best.mlp, strict=True)]
     removed = sum(len(s) for s in skipped)
     return {
@@ -142,7 +136,7 @@ def nas_step(step: NasStep, ctx: StepContext) -> dict[str, Any]:
         },
         "history": result.history,
         "candidates_scored": len(result.scores),
-        "base_trace_seconds": round(engine.base_seconds, 2),
+        "base_trace_seconds": round(cache.base_seconds, 2),
         "seconds": round(time.perf_counter() - clock, 2),
         "summary": f"nas {cfg.proxy} params_ratio={cfg.params_ratio} ({len(result.scores)} candidates, "
         f"{removed} sub-blocks removed)",

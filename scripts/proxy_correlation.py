@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from compress.adapters import arch_for
+from compress.candidates import DenseCache, NasSearch
 from compress.corpus import calibration_batches
 from compress.evaluate import perplexity
 from compress.loading import load_model
-from compress.nas.engine import NasEngine
 from compress.nas.evolve import EvolutionConfig, evolve
 from compress.nas.rank import kendall_tau_b, spearman
 from compress.nas.space import Candidate, random_candidate
@@ -49,7 +49,7 @@ PROXIES = [
 SUBSET_PROXIES = ("phi", "phi_norm", "params", "neg_proxy_loss")
 
 
-def candidates(engine: NasEngine, n: int, ratio: float, tolerance: float, seed: int) -> list[tuple[str, Candidate]]:
+def candidates(engine: NasSearch, n: int, ratio: float, tolerance: float, seed: int) -> list[tuple[str, Candidate]]:
     """FLAP-adaptive, uniform, then random candidates with varied spread and removal probability."""
     rng = random.Random(seed)
     lo, hi = engine.spec.window(ratio, tolerance)
@@ -69,7 +69,7 @@ def candidates(engine: NasEngine, n: int, ratio: float, tolerance: float, seed: 
     return out
 
 
-def measure(engine: NasEngine, tokenizer: Any, cand: Candidate, ppl_cfg: PerplexityConfig) -> dict[str, Any]:
+def measure(engine: NasSearch, tokenizer: Any, cand: Candidate, ppl_cfg: PerplexityConfig) -> dict[str, Any]:
     row = engine.measure(cand)
     row["neg_proxy_loss"] = -row["proxy_loss"]
     clock = time.perf_counter()
@@ -150,9 +150,10 @@ def main() -> None:
     ppl_cfg = PerplexityConfig()
     cal_ids = calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, args.seed)
     proxy_ids = calibration_batches(tokenizer, cal.data, args.proxy_samples, args.proxy_seq_len, args.seed + 1)
-    engine = NasEngine(model, arch, cal_ids, proxy_ids, cal.batch_size)
-    assert engine.proxy is not None
-    print(f"base traces: {engine.base_seconds:.1f} s, {engine.proxy.base_bytes / 2**20:.0f} MiB", flush=True)
+    cache = DenseCache(model, arch, cal_ids, cal.batch_size, proxy_tokens=lambda: proxy_ids)
+    engine = cache.nas()
+    proxy = cache.proxy  # the base traces, computed now (timed in cache.base_seconds)
+    print(f"base traces: {cache.base_seconds:.1f} s, {proxy.base_bytes / 2**20:.0f} MiB", flush=True)
     dense_ppl = perplexity(model, tokenizer, ppl_cfg)
 
     rows_path = out / "nas_rows.jsonl"
@@ -187,8 +188,8 @@ def main() -> None:
             "window": [args.ratio - args.tolerance, args.ratio + args.tolerance],
             "dense_prunable": engine.spec.dense_params(),
         },
-        "base_trace_seconds": engine.base_seconds,
-        "base_trace_mib": engine.proxy.base_bytes / 2**20,
+        "base_trace_seconds": cache.base_seconds,
+        "base_trace_mib": cache.proxy.base_bytes / 2**20,
         "correlations": table,
         "seconds": {
             "phi_mean": sum(r["phi_seconds"] for r in rows) / len(rows),
@@ -291,7 +292,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def run_search(
-    engine: NasEngine, tokenizer: Any, ppl_cfg: PerplexityConfig, args: argparse.Namespace
+    engine: NasSearch, tokenizer: Any, ppl_cfg: PerplexityConfig, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Φ-driven evolution in the window ratio ± 0.01, seeded with FLAP-adaptive and uniform; PPL of the winner."""
     cfg = EvolutionConfig(

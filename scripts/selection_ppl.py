@@ -11,7 +11,7 @@ import argparse
 from compress.pipeline import as_recipe
 from compress.session import Session
 from search.config import load_search_recipe
-from search.driver import selection_recipe
+from search.trial import selection_recipe
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--metrics", nargs="+", default=["ppl", "prunable_params", "params"])
     args = parser.parse_args()
     search = load_search_recipe(args.search_recipe)
-    session = Session.open(as_recipe(search.base))
+    session = Session.open(search.base)
     recipe = selection_recipe(as_recipe(args.recipe), search.search.perplexity)
     for name, value in session.measure(recipe, args.metrics).items():
         print(f"{name} {value:,.4f}")

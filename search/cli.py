@@ -13,9 +13,10 @@ from pathlib import Path
 
 from quant.errors import InputError
 from search.config import load_search_recipe
-from search.driver import SearchFailed, SessionFactory, open_session, open_storage, run_search
+from search.driver import SearchFailed, SessionFactory, open_session, run_search
 from search.materialize import Runner, choose, materialize
 from search.report import write_report
+from search.storage import open_storage
 
 log = logging.getLogger("secateurs")
 

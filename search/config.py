@@ -25,11 +25,19 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from compress.recipe import PerplexityConfig, apply_overrides, load_recipe_dict, parse_recipe
+from compress.recipe import (
+    PerplexityConfig,
+    Recipe,
+    Strict,
+    apply_overrides,
+    format_error,
+    load_recipe_dict,
+    parse_recipe,
+)
 from quant.errors import InputError
 from search.objectives import ConstraintConfig, Direction, ObjectiveConfig
 from search.seeds import SeedConfig
-from search.space import SpaceConfig, Strict, check_base
+from search.space import SpaceConfig, check_base
 
 SamplerName = Literal["nsga2", "nsga3", "tpe", "gp", "random"]
 
@@ -97,10 +105,12 @@ class SearchConfig(Strict):
 
 @dataclass
 class SearchRecipe:
-    """The validated ``search:`` block, the base recipe dict it overlays, and where they came from."""
+    """The validated ``search:`` block, the typed base recipe it overlays (parsed once), the base as written (for
+    the study's fingerprint, stable when defaults are added), and where they came from."""
 
     search: SearchConfig
-    base: dict[str, Any]
+    base: Recipe
+    written: dict[str, Any]
     origin: str
     name: str
 
@@ -110,7 +120,7 @@ class SearchRecipe:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.base.get("output", {}).get("dir", "out/model"))
+        return Path(self.base.output.dir)
 
     @property
     def storage_url(self) -> str:
@@ -121,7 +131,7 @@ class SearchRecipe:
     def fingerprint(self) -> str:
         """Hash of what makes trials comparable: space, objectives, constraints and the base recipe (minus where
         it writes). A study is only resumed by a recipe with the same fingerprint."""
-        base = {k: v for k, v in self.base.items() if k != "output"}
+        base = {k: v for k, v in self.written.items() if k != "output"}
         keyed = {
             "space": self.search.space.model_dump(mode="json"),
             "objectives": [o.model_dump(mode="json") for o in self.search.objectives],
@@ -132,14 +142,10 @@ class SearchRecipe:
         return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _format_error(err: ValidationError, origin: str) -> str:
-    first = err.errors()[0]
-    where = ".".join(["search", *(str(p) for p in first["loc"])])
-    if first["type"] == "extra_forbidden":
-        return f"{origin}: unknown key '{where}'"
-    given = first.get("input")
-    shown = "" if isinstance(given, dict | list) else f" (got {given!r})"
-    return f"{origin}: field '{where}': {first['msg']}{shown}"
+class _SearchBlock(Strict):
+    """The ``search:`` block under its own key, so that validation errors name ``search.<field>``."""
+
+    search: SearchConfig
 
 
 def parse_search_recipe(data: Any, origin: str = "recipe", name: str = "search") -> SearchRecipe:
@@ -148,14 +154,14 @@ def parse_search_recipe(data: Any, origin: str = "recipe", name: str = "search")
         raise InputError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
     if "search" not in data:
         raise InputError(f"{origin}: no 'search:' block; `secateurs run` runs a plain recipe")
-    base = copy.deepcopy({k: v for k, v in data.items() if k != "search"})
+    written = copy.deepcopy({k: v for k, v in data.items() if k != "search"})
     try:
-        search = SearchConfig.model_validate(data["search"])
+        search = _SearchBlock.model_validate({"search": data["search"]}).search
     except ValidationError as err:
-        raise InputError(_format_error(err, origin)) from None
-    parse_recipe(base, origin)
+        raise InputError(format_error(err, origin)) from None
+    base = parse_recipe(written, origin)
     check_base(search.space, base)
-    return SearchRecipe(search, base, origin, name)
+    return SearchRecipe(search, base, written, origin, name)
 
 
 def load_search_recipe(path: str | Path, overrides: list[str] | None = None) -> SearchRecipe:

@@ -15,6 +15,7 @@ from typing import Any
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 
+from compress.recipe import Recipe
 from quant.errors import InputError
 from search.config import SearchRecipe
 from search.report import pareto_trials
@@ -22,7 +23,7 @@ from search.space import ModelShape, overlay
 
 log = logging.getLogger("secateurs")
 
-Runner = Callable[[dict[str, Any]], Any]  # recipe dict → RunResult (compress.pipeline.run)
+Runner = Callable[[Recipe], Any]  # recipe → RunResult (compress.pipeline.run)
 
 
 def spread(front: list[FrozenTrial], k: int) -> list[FrozenTrial]:
@@ -35,11 +36,11 @@ def spread(front: list[FrozenTrial], k: int) -> list[FrozenTrial]:
     return [front[i] for i in picks]
 
 
-def trial_recipe(recipe: SearchRecipe, trial: FrozenTrial, shape: ModelShape, out_dir: Path) -> dict[str, Any]:
+def trial_recipe(recipe: SearchRecipe, trial: FrozenTrial, shape: ModelShape, out_dir: Path) -> Recipe:
     """The full recipe of ``trial``, writing to ``out_dir`` (never pushed to the Hub from a search)."""
-    data = overlay(recipe.base, trial.params, recipe.search.space, shape)
-    data["output"] = {**(data.get("output") or {}), "dir": str(out_dir), "overwrite": True, "push_to_hub": None}
-    return data
+    data = overlay(recipe.base, trial.params, recipe.search.space, shape, f"trial {trial.number}")
+    output = data.output.model_copy(update={"dir": str(out_dir), "overwrite": True, "push_to_hub": None})
+    return data.model_copy(update={"output": output})
 
 
 def choose(study: Study, count: int | None = None, numbers: list[int] | None = None) -> list[FrozenTrial]:

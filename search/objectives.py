@@ -1,7 +1,7 @@
 """What a search optimises and what it must respect: objectives with directions, constraints as violations.
 
-A metric is a name that ``compress.session.Session.measure`` understands: ``ppl``, ``phi``, ``phi_norm``,
-``params``, ``prunable_params``, ``bytes``, ``avg_bits``, ``latency_ms`` or ``lm_eval:<task>/<metric>``.
+A metric is a name of the metric table :data:`compress.metrics.METRICS` (or ``lm_eval:<task>/<metric>``), which
+also gives its default direction and whether it is structural.
 
 Constraints are stored per trial as *violations* with ``Trial.set_constraint`` (optuna's convention: ≤ 0 feasible,
 > 0 infeasible; every sampler and ``study.best_trials`` read them), relative to the bound so that a parameter
@@ -13,42 +13,29 @@ infeasible candidate is pruned without its perplexity or lm-eval cost.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
-Direction = Literal["minimize", "maximize"]
-
-STRUCTURAL = ("params", "prunable_params", "bytes", "avg_bits")  # known without any evaluation
-EVALUATED = ("ppl", "phi", "phi_norm", "latency_ms")
-HIGHER_IS_BETTER = {"phi", "phi_norm"}
-_LM_EVAL = re.compile(r"^lm_eval:[^/\s]+/\S+$")
-# lm-eval metrics where lower is better; everything else lm-eval reports (acc, acc_norm, f1, ...) is maximised
-_LOWER_LM_EVAL = ("perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "ppl")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from compress.metrics import Direction, direction, metric
+from compress.recipe import Strict
+from quant.errors import InputError
 
 
 def check_metric(name: str) -> str:
-    """``name`` itself when Session.measure knows it; ValueError naming the known metrics otherwise."""
-    if name in STRUCTURAL or name in EVALUATED or _LM_EVAL.match(name):
-        return name
-    known = ", ".join((*EVALUATED, *STRUCTURAL, "lm_eval:<task>/<metric>"))
-    raise ValueError(f"unknown metric {name!r}; expected one of {known}")
+    """``name`` itself when the metric table knows it; ValueError naming the known metrics otherwise."""
+    try:
+        metric(name)
+    except InputError as err:
+        raise ValueError(str(err)) from None
+    return name
 
 
-def default_direction(metric: str) -> Direction:
-    """Higher is better for the proxy Φ and lm-eval accuracies; lower for perplexity, size, bits and latency."""
-    if metric in HIGHER_IS_BETTER:
-        return "maximize"
-    if metric.startswith("lm_eval:"):
-        measure = metric.split("/", 1)[1].split(",")[0]
-        return "minimize" if measure in _LOWER_LM_EVAL else "maximize"
-    return "minimize"
+def default_direction(name: str) -> Direction:
+    """The table's direction: higher is better for the proxy Φ and lm-eval accuracies; lower for perplexity,
+    size, bits and latency."""
+    return direction(name)
 
 
 class ObjectiveConfig(Strict):
@@ -90,7 +77,7 @@ class ConstraintConfig(Strict):
 
     @property
     def structural(self) -> bool:
-        return self.metric in STRUCTURAL
+        return metric(self.metric).structural
 
     def describe(self) -> str:
         bounds = [f"≥ {self.min:g}"] if self.min is not None else []

@@ -19,8 +19,9 @@ from typing import Any, Literal
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from pydantic import Field, model_validator
 
+from compress.recipe import PruneStep, QuantizeStep, Recipe, Strict
 from quant.errors import InputError
-from search.space import ModelShape, SpaceConfig, Strict, block_label, layer_blocks, step_index
+from search.space import ModelShape, SpaceConfig, block_label, first_step, layer_blocks
 
 log = logging.getLogger("secateurs")
 
@@ -77,9 +78,9 @@ def check_point(params: dict[str, Any], dists: dict[str, BaseDistribution], wher
             raise InputError(f"{where}: {name}={value!r} lies outside {dist}")
 
 
-def base_ratio(base: dict[str, Any]) -> float:
-    at = step_index(base, "prune")
-    return float(base["steps"][at]["prune"].get("ratio", 0.2)) if at is not None else 0.2
+def base_ratio(base: Recipe) -> float:
+    prune = first_step(base, PruneStep)
+    return prune.prune.ratio if prune is not None else 0.2
 
 
 def seed_params(
@@ -87,7 +88,7 @@ def seed_params(
     space: SpaceConfig,
     shape: ModelShape,
     dists: dict[str, BaseDistribution],
-    base: dict[str, Any],
+    base: Recipe,
     allocation: Allocation | None = None,
 ) -> dict[str, Any] | None:
     """The full parameter point of ``seed``; None (with a log line) when it cannot be built in this space."""
@@ -120,8 +121,8 @@ def seed_params(
             if name.startswith("dtypes."):
                 params[name] = dist.choices[0]  # type: ignore[attr-defined]
     if "group_size" in dists:
-        at = step_index(base, "quantize")
-        current = base["steps"][at]["quantize"].get("group_size", 128) if at is not None else None
+        quantize = first_step(base, QuantizeStep)
+        current = quantize.quantize.group_size if quantize is not None else None
         choices = dists["group_size"].choices  # type: ignore[attr-defined]
         params["group_size"] = current if current in choices else choices[0]
     return params

@@ -20,25 +20,23 @@ Skips are offered only from layer ``skip_from`` on, never for layer 0.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import Trial
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from compress.recipe import PruneStep, QuantizeStep, Recipe, Strict, parse_recipe
 from quant.errors import InputError
+
+StepT = TypeVar("StepT", PruneStep, QuantizeStep)
 
 Structure = Literal["AL-AM", "AL-MM", "UL-UM", "UL-MM"]
 SubBlock = Literal["attn", "mlp"]
 Width = Literal[3, 4, 8]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class FloatRange(Strict):
@@ -225,19 +223,16 @@ def suggest(trial: Trial, dists: dict[str, BaseDistribution]) -> dict[str, Any]:
     return params
 
 
-def step_index(base: dict[str, Any], kind: str) -> int | None:
-    """Index of the first ``{kind: ...}`` step of a recipe dict."""
-    for index, step in enumerate(base.get("steps") or []):
-        if isinstance(step, dict) and kind in step:
-            return index
-    return None
+def first_step(recipe: Recipe, kind: type[StepT]) -> StepT | None:
+    """The first step of type ``kind`` (PruneStep, QuantizeStep) of a recipe."""
+    return next((step for step in recipe.steps if isinstance(step, kind)), None)
 
 
-def check_base(space: SpaceConfig, base: dict[str, Any]) -> None:
+def check_base(space: SpaceConfig, base: Recipe) -> None:
     """The base recipe must have the steps the space overlays."""
-    if space.prunes and step_index(base, "prune") is None:
+    if space.prunes and first_step(base, PruneStep) is None:
         raise InputError("search.space: prunes (ratio/structure/keep) but the recipe has no prune step to overlay")
-    if space.quantizes and step_index(base, "quantize") is None:
+    if space.quantizes and first_step(base, QuantizeStep) is None:
         raise InputError("search.space: quantizes (bits/group_size) but the recipe has no quantize step to overlay")
 
 
@@ -287,32 +282,36 @@ def bit_overrides(params: dict[str, Any], shape: ModelShape, bits_space: BitsSpa
     ]
 
 
-def overlay(base: dict[str, Any], params: dict[str, Any], space: SpaceConfig, shape: ModelShape) -> dict[str, Any]:
-    """The recipe dict of one trial: ``base`` with ``params`` written into its first prune / quantize step.
+def overlay(
+    base: Recipe, params: dict[str, Any], space: SpaceConfig, shape: ModelShape, where: str = "trial"
+) -> Recipe:
+    """The recipe of one trial: ``base`` with ``params`` written into its first prune / quantize step (validated;
+    an InputError names ``where``).
 
     Pure: ``base`` is not modified. Per-layer bit overrides come *before* the base recipe's own overrides, so the
     searched width wins (the first matching override applies).
     """
-    recipe = copy.deepcopy(base)
-    prune_at, quant_at = step_index(recipe, "prune"), step_index(recipe, "quantize")
+    data = base.model_dump(mode="json")
+    kinds = [next(iter(step)) for step in data["steps"]]
+    prune_at = kinds.index("prune") if "prune" in kinds else None
+    quant_at = kinds.index("quantize") if "quantize" in kinds else None
     if prune_at is not None:
-        prune = recipe["steps"][prune_at]["prune"]
+        prune = data["steps"][prune_at]["prune"]
         if "ratio" in params:
             prune["ratio"] = float(params["ratio"])
         if "structure" in params:
             prune["structure"] = params["structure"]
         counts = keep_counts(params, shape)
         if counts is not None:
-            for key in ("attn_keep", "mlp_keep"):
-                prune.pop(key, None)
+            prune["attn_keep"], prune["mlp_keep"] = None, None
             prune["attn_groups"], prune["mlp_channels"] = counts
     if quant_at is not None:
-        quantize = recipe["steps"][quant_at]["quantize"]
+        quantize = data["steps"][quant_at]["quantize"]
         if "group_size" in params:
             quantize["group_size"] = int(params["group_size"])
         if space.bits is not None:
             quantize["overrides"] = bit_overrides(params, shape, space.bits) + list(quantize.get("overrides") or [])
-    return recipe
+    return parse_recipe(data, where)
 
 
 def summarize(params: dict[str, Any], shape: ModelShape) -> str:

@@ -50,6 +50,15 @@ def build_tiny(family: str, seed: int = 0, **overrides: object) -> torch.nn.Modu
     return model
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """A test that takes ``device`` runs on the CPU, and once more on CUDA when a GPU is present."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def tiny_model(request: pytest.FixtureRequest) -> torch.nn.Module:
     return build_tiny(request.param)

@@ -4,7 +4,7 @@
 - ``rank``: Pearson / Spearman / Kendall (pure math).
 - ``proxy``: gradient traces of the dense model's sub-blocks and the proxy Φ of a candidate.
 - ``evolve``: the seeded evolutionary search that maximises a proxy inside a parameter window.
-- ``engine``: plumbing that realises candidates on a model (FLAP scores + surgery) and scores them.
 
-The ``nas`` recipe step (glue) is a handler in ``compress.steps``.
+Realising and scoring candidates on a model (FLAP scores + surgery, on the shared dense cache) is
+``compress.candidates``; the ``nas`` recipe step (glue) is a handler in ``compress.steps``.
 """

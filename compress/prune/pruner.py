@@ -19,11 +19,11 @@ from compress.adapters import (
     decoder_layers,
     is_skipped,
     linear_at,
-    linear_shape,
     model_config,
     present_linears,
 )
 from compress.calibration import ChannelStats, LayerStats, calibrate_layerwise
+from compress.metrics import count_parameters, prunable_parameters  # re-exported: they lived here
 from compress.prune.allocate import ModuleUnits, allocate, snap_width, top_units
 from compress.prune.scores import (
     fluctuation_scores,
@@ -36,7 +36,8 @@ from compress.prune.surgery import remove_kv_groups, remove_mlp_channels
 from compress.recipe import PruneConfig
 from compress.recover.reconstruct import reconstruct_model
 from quant.errors import InputError
-from quant.qlinear import QuantLinear
+
+__all__ = ["collect_statistics", "count_parameters", "plan_masks", "prunable_parameters", "prune_model"]
 
 log = logging.getLogger("secateurs")
 
@@ -291,22 +292,3 @@ def _apply_progressive(
     assert calibration_ids is not None
     calibrate_layerwise(model, arch, calibration_ids, _watch(arch), prune_layer, batch_size, device, "progressive")
 
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once); a packed QuantLinear counts its logical weights."""
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            total += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
-    return total
-
-
-def prunable_parameters(model: nn.Module, arch: Arch) -> int:
-    """Weights (and biases) of the attention and MLP linears of all decoder layers (+ constants of skipped
-    sub-blocks are not counted: they are [hidden] vectors outside any linear)."""
-    total = 0
-    for layer in decoder_layers(model, arch):
-        for path in present_linears(layer, arch):
-            out_features, in_features, has_bias = linear_shape(layer, path)
-            total += out_features * in_features + (out_features if has_bias else 0)
-    return total

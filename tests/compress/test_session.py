@@ -2,9 +2,10 @@
 
 import pytest
 
+from compress.metrics import direction
 from compress.pipeline import as_recipe, run
 from compress.quantize import weight_storage
-from compress.session import Session, direction
+from compress.session import Session
 from quant.errors import InputError
 
 
@@ -59,7 +60,7 @@ def test_dense_candidate_has_phi_equal_to_the_number_of_sub_blocks(session, mode
 
 
 def test_bad_objectives_and_steps_are_input_errors(session, model_dir):
-    with pytest.raises(InputError, match="unknown objective 'perplexity'"):
+    with pytest.raises(InputError, match="unknown metric .perplexity."):
         session.measure(_recipe(model_dir, "unused", []), ["perplexity"])
     with pytest.raises(InputError, match="nas step"):
         session.measure(_recipe(model_dir, "unused", [{"nas": {}}]), ["params"])

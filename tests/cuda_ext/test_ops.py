@@ -24,13 +24,20 @@ def _packed(with_zeros: bool, out: int = 5, n_in: int = 37, bits: int = 3, G: in
     return reference.pack_bitplanes(codes, bits), type_ids, scales, zeros, tables, n_in, G
 
 
+def _on(args: Packed, device: torch.device) -> Packed:
+    planes, type_ids, scales, zeros, tables, n_in, G = args
+    moved = [t.to(device) for t in (planes, type_ids, scales, tables)]
+    return moved[0], moved[1], moved[2], zeros.to(device) if zeros is not None else None, moved[3], n_in, G
+
+
 @pytest.mark.parametrize("with_zeros", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_ops_equal_reference(with_zeros: bool, dtype: torch.dtype) -> None:
-    args = _packed(with_zeros)
+def test_ops_equal_reference(with_zeros: bool, dtype: torch.dtype, device: torch.device) -> None:
+    args = _on(_packed(with_zeros), device)
     got = torch.ops.secateurs.dequantize(*args, dtype)
+    assert got.device.type == device.type
     assert torch.equal(got, reference.dequantize(*args, dtype))
-    x = torch.randn(2, 8, args[5]).to(dtype)  # 16 rows: above the fused GEMV (tested in test_cpu_kernels.py)
+    x = torch.randn(2, 8, args[5]).to(device, dtype)  # 16 rows: above the fused GEMV (test_cpu_kernels.py)
     assert torch.equal(torch.ops.secateurs.quant_matmul(x, *args), reference.quant_matmul(x, *args))
 
 
@@ -55,9 +62,9 @@ def test_fake_impls_give_shapes_and_dtypes() -> None:
     assert y.shape == (2, 7, 5) and y.dtype == torch.float16
 
 
-def test_gradient_wrt_x_is_that_of_the_dense_matmul() -> None:
-    args = _packed(True)
-    x = torch.randn(3, args[5], requires_grad=True)
+def test_gradient_wrt_x_is_that_of_the_dense_matmul(device: torch.device) -> None:
+    args = _on(_packed(True), device)
+    x = torch.randn(3, args[5], device=device, requires_grad=True)
     torch.ops.secateurs.quant_matmul(x, *args).square().sum().backward()
     x_ref = x.detach().clone().requires_grad_()
     (x_ref @ reference.dequantize(*args, torch.float32).T).square().sum().backward()

@@ -20,6 +20,7 @@ class SyntheticSession:
     num_layers = 4
     n_kv = 3
     intermediate_size = 96
+    layers_prefix = "model.layers"
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
@@ -76,11 +77,9 @@ class SyntheticSession:
             time.sleep(self.delay)
         return {name: float(all_metrics.get(name, 0.5)) for name in objectives}
 
-    def allocation(self, prune: PruneConfig) -> dict[str, list[int]]:
+    def allocation(self, prune: PruneConfig) -> tuple[list[int], list[int]]:
         """A FLAP-like allocation: wide early layers, narrow late ones, the last attention removed."""
-        groups = [3, 2, 1, 0]
-        channels = [96, 64, 64, 32]
-        return {"kv_groups": groups, "intermediate_sizes": channels}
+        return [3, 2, 1, 0], [96, 64, 64, 32]
 
 
 def synthetic_recipe(out_dir: str, **search: Any) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def test_report_only_and_materialize_through_the_normal_runner(searched, tmp_pat
     def runner(recipe):
         recipes.append(recipe)
         report = {"sizes": {"params_after": 123}, "evaluation": {"rows": [{"metric": "ppl", "compressed": 12.5}]}}
-        return SimpleNamespace(checkpoint=Path(recipe["output"]["dir"]), report=report)
+        return SimpleNamespace(checkpoint=Path(recipe.output.dir), report=report)
 
     code = search_cli([str(path), "--report-only", "--materialize", "2", "--out", str(tmp_path)], runner=runner)
     assert code == 0
@@ -72,8 +72,8 @@ def test_report_only_and_materialize_through_the_normal_runner(searched, tmp_pat
     materialized = json.loads((tmp_path / "materialized.json").read_text())
     assert len(materialized) == len(recipes) == 2
     for record, recipe in zip(materialized, recipes, strict=True):
-        assert recipe["output"]["dir"] == str(tmp_path / "pareto" / f"trial-{record['trial']}")
-        assert "search" not in recipe and recipe["steps"][0]["prune"]["ratio"] > 0
+        assert recipe.output.dir == str(tmp_path / "pareto" / f"trial-{record['trial']}")
+        assert recipe.steps[0].prune.ratio > 0
     assert "| trial | search ppl | search params |" in (tmp_path / "materialized.md").read_text()
 
 

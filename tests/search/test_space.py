@@ -18,7 +18,7 @@ from search.space import (
 )
 
 SHAPE = ModelShape(num_layers=6, n_kv=3, intermediate_size=96, mlp_step=32)
-BASE = {
+BASE = parse_recipe({
     "model": "m",
     "steps": [
         {"prune": {"method": "flap", "ratio": 0.2}},
@@ -30,7 +30,7 @@ BASE = {
             }
         },
     ],
-}
+})
 
 
 def test_layer_blocks_cover_every_layer_once():
@@ -74,10 +74,10 @@ def test_keep_space_errors_name_the_field():
 def test_overlay_writes_global_ratio_and_structure_without_touching_base():
     space = SpaceConfig.model_validate({"ratio": {"low": 0.1, "high": 0.5}, "structure": ["UL-UM"], "group_size": [64]})
     recipe = overlay(BASE, {"ratio": 0.35, "structure": "UL-UM", "group_size": 64}, space, SHAPE)
-    assert recipe["steps"][0]["prune"] == {"method": "flap", "ratio": 0.35, "structure": "UL-UM"}
-    assert recipe["steps"][1]["quantize"]["group_size"] == 64
-    assert BASE["steps"][0]["prune"] == {"method": "flap", "ratio": 0.2}  # pure
-    parse_recipe(recipe)
+    prune = recipe.steps[0].prune
+    assert (prune.method, prune.ratio, prune.structure) == ("flap", 0.35, "UL-UM")
+    assert recipe.steps[1].quantize.group_size == 64
+    assert BASE.steps[0].prune.ratio == 0.2 and BASE.steps[0].prune.structure == "AL-AM"  # pure
 
 
 def test_overlay_per_block_widths_skips_and_bits():
@@ -104,11 +104,11 @@ def test_overlay_per_block_widths_skips_and_bits():
         "dtypes.4bit": "nf4",
     }
     check_point(params, distributions(space, SHAPE), "test")
-    recipe = overlay(BASE, params, space, SHAPE)
-    prune = recipe["steps"][0]["prune"]
-    assert prune["attn_groups"] == [3, 3, 3, 0, 0, 0]  # integer counts: no fraction round trip
-    assert prune["mlp_channels"] == [64] * 3 + [32] * 3
-    overrides = recipe["steps"][1]["quantize"]["overrides"]
+    recipe = overlay(BASE, params, space, SHAPE)  # a validated Recipe
+    prune = recipe.steps[0].prune
+    assert prune.attn_groups == [3, 3, 3, 0, 0, 0]  # integer counts: no fraction round trip
+    assert prune.mlp_channels == [64] * 3 + [32] * 3
+    overrides = [o.model_dump(include={"match", "dtypes"}) for o in recipe.steps[1].quantize.overrides]
     assert overrides == [
         {"match": r"^model\.layers\.(0|1)\.", "dtypes": "int8_asym"},
         {"match": r"^model\.layers\.(2|3)\.", "dtypes": "nf4"},
@@ -116,7 +116,6 @@ def test_overlay_per_block_widths_skips_and_bits():
         {"match": "down_proj", "dtypes": "int8_asym"},  # the base recipe's own override comes after
     ]
     assert summarize(params, SHAPE) == "attn 0.50 mlp 0.50 skip 3 3b×2 4b×2 8b×2 4bit=nf4"
-    parse_recipe(recipe)  # needs PruneConfig.attn_groups / mlp_channels
 
 
 def test_keep_counts_absent_without_width_params():

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search.driver import database_url
+from search.storage import database_url
 from tests.search.synthetic import synthetic_recipe
 
 ROOT = Path(__file__).resolve().parents[2]

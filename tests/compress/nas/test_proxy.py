@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress.adapters import arch_for, decoder_layers
-from compress.nas.engine import NasEngine
+from compress.candidates import DenseCache
 from compress.nas.proxy import TraceProxy, sub_block_gradients
 from compress.nas.space import random_candidate
 from compress.prune.surgery import head_channels
@@ -48,7 +48,7 @@ def _zeroed(model, arch, attn_keep, mlp_keep):
 def test_kept_coordinates_align_with_a_zeroing_reference(family):
     model = build_tiny(family, num_hidden_layers=4)
     arch = arch_for(model.config)
-    engine = NasEngine(model, arch, CAL, None, batch_size=4, mlp_step=16, skip_from=2, bias_compensation=False)
+    engine = DenseCache(model, arch, CAL, batch_size=4).nas(mlp_step=16, skip_from=2, compensation=False)
     lo, hi = engine.spec.window(0.6, 0.06)
     cand = random_candidate(engine.spec, random.Random(2), 0.6, lo, hi, p_skip=0.0)
     assert any(k < 3 for k in cand.attn) and any(c < 96 for c in cand.mlp)
@@ -71,7 +71,7 @@ def test_kept_coordinates_align_with_a_zeroing_reference(family):
 def test_skipped_sub_blocks_have_no_gradients_and_no_terms():
     model = build_tiny("llama", num_hidden_layers=4)
     arch = arch_for(model.config)
-    engine = NasEngine(model, arch, CAL, PROXY, batch_size=4, mlp_step=16, skip_from=2)
+    engine = DenseCache(model, arch, CAL, batch_size=4, proxy_tokens=lambda: PROXY).nas(mlp_step=16, skip_from=2)
     cand = engine.uniform_candidate(0.7, 0.05)
     skipped = type(cand)(cand.attn[:3] + (0,), cand.mlp[:2] + (0, cand.mlp[3]))
     pruned, attn, mlp = engine.realize(skipped)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compress.adapters import arch_for
-from compress.nas.engine import NasEngine
+from compress.candidates import DenseCache
 from compress.nas.space import Candidate, SpaceSpec, crossover, mutate, random_candidate, repair
 from compress.prune.pruner import prunable_parameters
 from tests.conftest import build_tiny
@@ -55,12 +55,12 @@ def test_repair_fails_loudly_when_the_window_is_unreachable():
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_realised_candidates_have_exactly_the_counted_parameters(family):
     model = build_tiny(family, num_hidden_layers=6)
-    engine = NasEngine(model, arch_for(model.config), CAL, None, batch_size=4, mlp_step=16)
+    engine = DenseCache(model, arch_for(model.config), CAL, batch_size=4).nas(mlp_step=16)
     rng = random.Random(1)
     lo, hi = engine.spec.window(0.6, 0.05)
     for _ in range(4):
         cand = random_candidate(engine.spec, rng, 0.6, lo, hi, p_skip=0.3)
-        pruned, attn, mlp = engine.realize(cand)
+        pruned = engine.realize(cand).model
         assert prunable_parameters(pruned, arch_for(pruned.config)) == engine.spec.params(cand)
         layers = pruned.model.layers
         for layer, k, c in zip(layers, cand.attn, cand.mlp, strict=True):
