@@ -403,6 +403,9 @@ def _format_error(err: ValidationError, origin: str) -> str:
     return f"{origin}: field '{where}': {one_line(first['msg']).removeprefix('Value error, ')}{quoted}"
 
 
+format_error = _format_error  # public: search.config formats its search: block's errors the same way
+
+
 def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
     """Validate a recipe dict; errors name the field (dotted path) and what was expected."""
     if not isinstance(data, dict):
