@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="lm-eval examples per task")
     ev.add_argument("--ppl-windows", type=int, default=64, help="held-out perplexity windows (0 = skip)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--num_fewshot", "--num-fewshot", type=int, help="lm-eval few-shot examples (default: the task's)")
+    ev.add_argument("--batch_size", "--batch-size", type=_batch_size, help="lm-eval batch size: an integer or 'auto'")
+    ev.add_argument("--output_path", "--output-path", help="also write the results JSON here (a file, or a folder)")
+    ev.add_argument(
+        "--apply_chat_template", "--apply-chat-template", action="store_true", help="lm-eval: use the chat template"
+    )
     _task_code_flag(ev)
     _verify_flag(ev)
     info = sub.add_parser("info", help="per-layer shapes, parameters and bytes of a model")
@@ -48,6 +54,27 @@ def _parser() -> argparse.ArgumentParser:
     _verify_flag(info)
     sub.add_parser("search", help="multi-objective search over recipes (secateurs search -h for its options)")
     return parser
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto" or text.startswith("auto:"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+
+
+def _write_results(output_path: str, result: dict[str, Any]) -> Path:
+    """``output_path`` names a .json file, or a folder that gets ``results.json`` (made when missing)."""
+    path = Path(output_path)
+    if path.suffix != ".json":
+        path = path / "results.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    except OSError as err:
+        raise InputError(f"--output_path {output_path!r} cannot be written: {err.strerror or err}") from None
+    return path
 
 
 def _task_code_flag(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from compress.errors import one_line
-    from compress.evaluate import evaluate_model
+    from compress.evaluate import LmEvalOptions, evaluate_model
     from compress.lm_tasks import resolve_tasks, trust_task_code
     from compress.loading import load_model
     from compress.recipe import LmEvalConfig, PerplexityConfig
@@ -126,8 +153,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(f"secateurs eval: {where}: {one_line(first['msg']).removeprefix('Value error, ')}") from None
     resolve_tasks(lm.tasks, "--tasks")
     loaded = load_model(args.model, verify_hashes=not args.no_verify_hashes)
-    result = evaluate_model(loaded.model, loaded.tokenizer, ppl, lm, args.seed)
+    options = LmEvalOptions(args.num_fewshot, args.batch_size, args.apply_chat_template)
+    result = evaluate_model(loaded.model, loaded.tokenizer, ppl, lm, args.seed, options)
+    result["model"] = args.model
     print(json.dumps(result, indent=2, sort_keys=True))
+    if args.output_path:
+        log.info("results written to %s", _write_results(args.output_path, result))
     return 0
 
 

@@ -11,6 +11,8 @@ Sources (the ``source`` argument of every function here):
 * a **mixture** (calibration/training only): ``"mix:calibration"`` (the shipped mixture, ``MIXTURES``) or
   ``"<source>*<weight>+<source>*<weight>..."``, e.g. ``"web:calibration*0.7+notes.txt*0.3"``: the windows are
   split over the parts in proportion to the weights (``mixture_parts`` / ``calibration_batches``).
+* ``"hf:NAME[:config]:split"``: a dataset the ``datasets`` library can reach (Hub id or local folder; the
+  ``text`` column, or the only string column), see ``compress.hf_data``.
 * a path to a user file:
 
   - ``.txt``: **one document per line**; blank lines are skipped, surrounding whitespace is stripped.
@@ -81,6 +83,10 @@ def load_documents(source: str) -> list[str]:
             f"corpus source {source!r} is a mixture: it has no single document list (use it for calibration "
             "or training data, not for evaluation)"
         )
+    if source.startswith("hf:"):
+        from compress.hf_data import hf_documents
+
+        return hf_documents(source)
     if source.startswith(_SHIPPED_PREFIXES):
         if source not in SHIPPED:
             raise InputError(f"unknown shipped corpus {source!r}: expected one of {', '.join(SHIPPED)}")
