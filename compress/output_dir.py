@@ -32,6 +32,9 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
     secateurs.json); a file, a link or any other folder is an error.
     """
     where = f"output {shown(str(out_dir))}"
+    too_long = [part for part in out_dir.parts if len(os.fsencode(part)) > MAX_NAME_BYTES - 32]  # room for .tmp-…
+    if too_long or len(os.fsencode(str(out_dir.absolute()))) > MAX_PATH_BYTES:
+        raise InputError(f"{where}: the path or one of its names is too long for the file system")
     resolved = out_dir.expanduser().resolve()
     if not resolved.name or resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise InputError(f"{where} is the working directory or one of its parents: name a new folder")
@@ -50,8 +53,29 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
     ancestor = existing_ancestor(resolved.parent)
     if not ancestor.is_dir():
         raise InputError(f"{where} cannot be created: {shown(str(ancestor))} is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if not os.access(ancestor, os.W_OK | os.X_OK) or _read_only(ancestor) or not _can_create(ancestor):
         raise InputError(f"{where} cannot be created: {shown(str(ancestor))} is not writable")
+
+
+MAX_NAME_BYTES = 255  # NAME_MAX of common file systems
+MAX_PATH_BYTES = 4000  # below PATH_MAX (4096) with room for the checkpoint's file names
+
+
+def _can_create(folder: Path) -> bool:
+    """Whether a folder can be made in ``folder`` (tried: root passes os.access even where mkdir fails, e.g.
+    /proc); the empty probe folder is removed at once."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".secateurs-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows): os.access decided
+        return False
 
 
 def is_checkpoint(folder: Path) -> bool:

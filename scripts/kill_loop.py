@@ -32,6 +32,7 @@ def main() -> int:
     report = kill_loop(root / "tiny", root / "work", args.kills, args.seed, args.run_seconds)
     print(f"runs started: {args.kills + 1} ({time.perf_counter() - start:.0f} s)")
     print(f"killed before finishing: {report.kills}; finished before the kill landed: {report.finished}")
+    print(f"  killed inside the write window (temporary folder present): {report.in_window}")
     print(f"partial or unverifiable checkpoints seen: {report.partial}")
     print(f"leftover temporary folders seen after kills: {len(report.leftovers_seen)}")
     print(f"  never reported by a later run: {len(report.unreported)}")

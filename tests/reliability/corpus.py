@@ -260,6 +260,9 @@ OUTPUT = [
     Case(
         "output", "a parent of the working directory", PRUNE, "working directory", args=("--out", "..", "--overwrite")
     ),
+    Case("output", "a name of 300 characters", PRUNE, "too long", args=("--out", "{tmp}/" + "n" * 300)),
+    Case("output", "on a read-only file system", PRUNE, "not writable", args=("--out", "/proc/secateurs-out")),
+    Case("output", "the root folder", PRUNE, "working directory", args=("--out", "/", "--overwrite")),
     Case(
         "output",
         "not writable",

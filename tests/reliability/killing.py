@@ -25,6 +25,7 @@ steps:
 @dataclass
 class KillReport:
     kills: int = 0  # processes killed before they finished
+    in_window: int = 0  # of which killed while their temporary folder existed (inside the write window)
     finished: int = 0  # runs that completed before the kill landed
     partial: int = 0  # times the output folder existed but did not verify
     leftovers_seen: set[str] = field(default_factory=set)  # temporary folders found after kills
@@ -76,14 +77,16 @@ def kill_loop(model_dir: Path, work: Path, kills: int, seed: int = 0, run_second
     outputs: list[str] = []
     for index in range(kills):
         proc = _start(recipe, work)
-        if index % 2 == 0:  # inside or around the write window
-            _wait_for_tmp(proc, work, run_seconds)
-            time.sleep(rng.uniform(0.0, 0.3))
+        if index % 2 == 0:  # inside or around the write window (however long the run takes to get there)
+            _wait_for_tmp(proc, work, 600.0)
+            time.sleep(rng.uniform(0.0, 0.1))
         else:  # anywhere in the run
             time.sleep(rng.uniform(0.0, run_seconds))
         if proc.poll() is None:
+            writing = any(p.name.startswith(".out.tmp-") for p in work.iterdir())
             proc.send_signal(signal.SIGKILL)
             report.kills += 1
+            report.in_window += writing
         else:
             report.finished += 1
         outputs.append(proc.communicate()[0])
