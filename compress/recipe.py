@@ -523,6 +523,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key:
             raise InputError(f"--set {shown(item)}: expected key.path=value")
         value = load_yaml(raw, f"--set {shown(item)}: value")
+        check_shape(value, f"--set {shown(item)}: value")
         node: Any = data
         parts = key.split(".")
         try:
