@@ -46,8 +46,10 @@ JIT_NAME = "secateurs_cpu_ext"
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 LD_FLAGS = ["-fopenmp"]
 
-# Largest number of activation rows that takes the fused GEMV; above it dequantise-then-matmul is faster. Measured
-# with scripts/bench_cpu_kernels.py (docs/results/benchmarks.md, "CPU kernels").
+# Largest number of activation rows that takes the fused GEMV; above it dequantise-then-matmul, bit-exact with the
+# reference. 8, as the CUDA kernels (SECATEURS_MAX_GEMV_BATCH), so that one contract holds on both devices. Measured
+# with scripts/bench_cpu_kernels.py (docs/results/benchmarks.md, "CPU kernels"): the fused kernel is faster up to 8
+# rows on every shape, and still was at 12-24 rows; a 512-token prefill must take the matmul.
 GEMV_MAX_BATCH = 8
 
 _state: dict[str, Any] = {"module": None, "enabled": True, "logged": False}

@@ -114,32 +114,44 @@ namespace {
 
 int64_t words_per_group(const PackedView& p) { return p.n_groups == 1 ? p.words : p.group_size / kWordBits; }
 
+// acc[b][(BASE + c) % CHAINS] += w[codes 8c..] * x for the 4 vectors c of one word (compile-time chain indices keep
+// acc in registers).
+template <int BITS, int NB, int CHAINS, int BASE>
+SECATEURS_AVX2 inline void accumulate_word(__m256 (&acc)[NB][CHAINS], const uint32_t* word, int64_t plane_stride,
+                                           __m256 lo, __m256 hi, const float* xw, int64_t x_stride) {
+  const __m256i shifts_even = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i shifts_odd = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
+  alignas(16) uint64_t nibbles[2];
+  nibble_codes<BITS>(word, plane_stride, nibbles);
+  for (int c = 0; c < 4; ++c) {
+    const __m256 v = lookup8_from<BITS>(nibbles + c / 2, c % 2 ? shifts_odd : shifts_even, lo, hi);
+    for (int b = 0; b < NB; ++b)
+      acc[b][(BASE + c) % CHAINS] =
+          _mm256_fmadd_ps(v, _mm256_loadu_ps(xw + b * x_stride + 8 * c), acc[b][(BASE + c) % CHAINS]);
+  }
+}
+
 // y[b, row] for NB activation rows starting at x; CHAINS independent accumulators per activation row hide the FMA
-// latency (4 cycles): vector c of word w adds into chain (4 (w & 1) + c) % CHAINS.
+// latency (4 cycles).
 template <int BITS, int NB>
 SECATEURS_AVX2 void gemv_row(const PackedView& p, const float* x, int64_t x_stride, int64_t row, float* y) {
   constexpr int CHAINS = NB == 1 ? 8 : (NB == 2 ? 4 : 2);
   __m256 acc[NB][CHAINS];
   for (int b = 0; b < NB; ++b)
     for (int k = 0; k < CHAINS; ++k) acc[b][k] = _mm256_setzero_ps();
-  const __m256i shifts_even = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
-  const __m256i shifts_odd = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
   const int64_t plane_stride = p.out_f * p.words, wpg = words_per_group(p);
   const uint32_t* planes = p.planes + row * p.words;
   for (int64_t g = 0, w0 = 0; w0 < p.words; ++g, w0 += wpg) {
     __m256 lo, hi;
     load_group_table<BITS>(p, row, g, lo, hi);
-    for (int64_t w = w0, w1 = std::min(w0 + wpg, p.words); w < w1; ++w) {
-      alignas(16) uint64_t nibbles[2];
-      nibble_codes<BITS>(planes + w, plane_stride, nibbles);
-      const float* xw = x + w * kWordBits;
-      for (int c = 0; c < 4; ++c) {
-        const __m256 v = lookup8_from<BITS>(nibbles + c / 2, c % 2 ? shifts_odd : shifts_even, lo, hi);
-        const int chain = int(4 * (w & 1) + c) % CHAINS;
-        for (int b = 0; b < NB; ++b)
-          acc[b][chain] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xw + b * x_stride + 8 * c), acc[b][chain]);
-      }
+    const int64_t w1 = std::min(w0 + wpg, p.words);
+    int64_t w = w0;
+    for (; w + 2 <= w1; w += 2) {
+      accumulate_word<BITS, NB, CHAINS, 0>(acc, planes + w, plane_stride, lo, hi, x + w * kWordBits, x_stride);
+      accumulate_word<BITS, NB, CHAINS, 4>(acc, planes + w + 1, plane_stride, lo, hi, x + (w + 1) * kWordBits,
+                                           x_stride);
     }
+    if (w < w1) accumulate_word<BITS, NB, CHAINS, 0>(acc, planes + w, plane_stride, lo, hi, x + w * kWordBits, x_stride);
   }
   for (int b = 0; b < NB; ++b) {
     __m256 total = acc[b][0];

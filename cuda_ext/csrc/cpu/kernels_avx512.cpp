@@ -68,12 +68,25 @@ SECATEURS_AVX512 inline __m512 load_group_table(const PackedView& p, int64_t row
   return _mm512_mul_ps(table, _mm512_set1_ps(_cvtsh_ss(p.scales[at])));
 }
 
+// acc[b][C0] += w[16 codes] * x, acc[b][C1] += w[16 more] * x for one word; compile-time chains keep acc in registers.
+template <int NB, int CHAINS, int C0, int C1>
+SECATEURS_AVX512 inline void accumulate_word(__m512 (&acc)[NB][CHAINS], const uint8_t* blocks, int64_t w, __m512 table,
+                                             const float* x, int64_t x_stride) {
+  const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(word_block(blocks, w))));
+  const __m512 upper = _mm512_permutexvar_ps(codes, table);  // lane 8h + i: code 16h + 8 + i (low nibble)
+  const __m512 lower = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);  // code 16h + i
+  const float* xw = x + w * kWordBits;
+  for (int b = 0; b < NB; ++b) {
+    acc[b][C0] = _mm512_fmadd_ps(upper, _mm512_loadu_ps(xw + b * x_stride), acc[b][C0]);
+    acc[b][C1] = _mm512_fmadd_ps(lower, _mm512_loadu_ps(xw + b * x_stride + 16), acc[b][C1]);
+  }
+}
+
 // y[b, row] for NB activation rows; `blocks` is scratch of ceil(words / 16) * 256 bytes.
 template <int BITS, int NB>
 SECATEURS_AVX512 void gemv_row(const PackedView& p, const float* x, int64_t x_stride, int64_t row, float* y,
                                uint8_t* blocks) {
-  // Independent accumulators (FMA latency 4 cycles): chain (2 (w & 1) + c) % CHAINS for vector c of word w.
-  constexpr int CHAINS = NB <= 2 ? 4 : (NB <= 4 ? 2 : 1);
+  constexpr int CHAINS = NB <= 2 ? 4 : (NB <= 4 ? 2 : 1);  // independent accumulators: FMA latency is 4 cycles
   __m512 acc[NB][CHAINS];
   for (int b = 0; b < NB; ++b)
     for (int k = 0; k < CHAINS; ++k) acc[b][k] = _mm512_setzero_ps();
@@ -84,17 +97,13 @@ SECATEURS_AVX512 void gemv_row(const PackedView& p, const float* x, int64_t x_st
     transpose_chunk<BITS>(planes, plane_stride, w0, p.words - w0, blocks + (w0 / kChunkWords) * kChunkBytes);
   for (int64_t g = 0, w0 = 0; w0 < p.words; ++g, w0 += wpg) {
     const __m512 table = load_group_table<BITS>(p, row, g);
-    for (int64_t w = w0, w1 = std::min(w0 + wpg, p.words); w < w1; ++w) {
-      const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(word_block(blocks, w))));
-      const __m512 upper = _mm512_permutexvar_ps(codes, table);  // lane 8h + i: code 16h + 8 + i (low nibble)
-      const __m512 lower = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);  // code 16h + i
-      const float* xw = x + w * kWordBits;
-      const int c0 = int(2 * (w & 1)) % CHAINS, c1 = int(2 * (w & 1) + 1) % CHAINS;
-      for (int b = 0; b < NB; ++b) {
-        acc[b][c0] = _mm512_fmadd_ps(upper, _mm512_loadu_ps(xw + b * x_stride), acc[b][c0]);
-        acc[b][c1] = _mm512_fmadd_ps(lower, _mm512_loadu_ps(xw + b * x_stride + 16), acc[b][c1]);
-      }
+    const int64_t w1 = std::min(w0 + wpg, p.words);
+    int64_t w = w0;
+    for (; w + 2 <= w1; w += 2) {
+      accumulate_word<NB, CHAINS, 0, 1 % CHAINS>(acc, blocks, w, table, x, x_stride);
+      accumulate_word<NB, CHAINS, 2 % CHAINS, 3 % CHAINS>(acc, blocks, w + 1, table, x, x_stride);
     }
+    if (w < w1) accumulate_word<NB, CHAINS, 0, 1 % CHAINS>(acc, blocks, w, table, x, x_stride);
   }
   for (int b = 0; b < NB; ++b) {
     __m512 total = acc[b][0];
