@@ -69,6 +69,7 @@ def solve_choice(
     costs: Mapping[str, Sequence[Sequence[float]]],
     budgets: Mapping[str, float],
     time_limit: float | None = 60.0,
+    rel_gap: float = 0.0,
 ) -> MilpSolution:
     """One variant per group minimising the summed score under the budgets (every budget r: Σ cost ≤ B^{(r)}).
 
@@ -76,6 +77,8 @@ def solve_choice(
         scores: scores[g][v] (lower is better), one row per group (sub-block), one entry per variant.
         costs: {resource: costs[g][v]} with the shape of ``scores``; resources without a budget are only summed.
         budgets: {resource: upper bound on the summed cost}.
+        rel_gap: HiGHS stops once the optimum is proven to within this relative gap (0: proven optimal; HiGHS's
+            own default is 1e-4).
     Raises: InputError when the budgets cannot be met (alone or together) or the tables are malformed.
     """
     _check_tables(scores, costs, budgets)
@@ -93,7 +96,9 @@ def solve_choice(
         b = np.array([float(budgets[name]) for name in names])
         constraints.append(LinearConstraint(a, -np.inf, b))
     clock = time.perf_counter()
-    options = {"time_limit": time_limit} if time_limit is not None else {}
+    options: dict[str, float] = {"mip_rel_gap": rel_gap}
+    if time_limit is not None:
+        options["time_limit"] = time_limit
     res = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints, options=options)
     seconds = time.perf_counter() - clock
     if res.status == 2:
