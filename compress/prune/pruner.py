@@ -142,9 +142,12 @@ def plan_masks(
     the allocation of ``cfg.structure`` or the explicit per-layer widths (fractions or counts)."""
     layers = decoder_layers(model, arch)
     units = module_units(model, arch, cfg, stats)
+    structure = cfg.structure or "AL-AM"
+    if structure == "puzzle":
+        raise InputError("prune.structure: puzzle widths come from compress.puzzle (the prune step), not plan_masks")
     if not cfg.explicit:
         return allocate(
-            cfg.structure or "AL-AM",
+            structure,
             [a for a, _ in units],
             [m for _, m in units],
             cfg.ratio,
