@@ -120,7 +120,7 @@ class QuantLinear(nn.Module):
         kernels) and dequantise-then-matmul above; with :meth:`cache_dequantized` on, the latter reuses a cached Ŵ.
         """
         cached = self._cached_weight(x)
-        direct = None if cached is not None else self._direct_gemv(x)
+        direct = None if cached is not None else self._direct_matmul(x)
         if cached is not None:
             y = x @ cached.T  # the op's own computation above the fused threshold, minus the dequantisation
         elif direct is not None:
@@ -132,12 +132,12 @@ class QuantLinear(nn.Module):
             )  # fmt: skip
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def _direct_gemv(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The CPU fused GEMV without the op dispatcher (decoding: its overhead is as long as a small layer's GEMV);
-        None where the op is needed (autograd, torch.compile) or the kernel does not apply."""
+    def _direct_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The op's CPU kernels without the op dispatcher (its overhead is as long as a small layer's GEMV); None
+        where the op is needed (autograd, torch.compile) or the kernels do not apply."""
         if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return None
-        return cpu_impl.fused_gemv(
+        return cpu_impl.direct_matmul(
             x, self.planes, self.type_ids, self.scales, self.zeros, self.tables, self.in_features, self.group_size
         )
 
