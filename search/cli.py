@@ -7,6 +7,7 @@ command. Exit codes: 0 done, 1 trials kept failing, 2 bad input (recipe, storage
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -63,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
 def search_main(
     args: argparse.Namespace, session_factory: SessionFactory = open_session, runner: Runner | None = None
 ) -> int:
-    recipe = load_search_recipe(args.recipe, args.overrides)
+    # --out is the output folder of everything, the default study database included (never the recipe's output.dir)
+    out_override = [f"output.dir={json.dumps(args.out)}"] if args.out else []
+    recipe = load_search_recipe(args.recipe, [*args.overrides, *out_override])
     if args.study:
         recipe.search.study = args.study
     if args.trials is not None and args.trials < 0:

@@ -197,11 +197,12 @@ def run_search(
     cfg = recipe.search
     target = trials if trials is not None else cfg.trials
     url = storage or recipe.storage_url
-    rdb = open_storage(url, cfg.heartbeat)  # a bad URL fails before the model loads
+    check_storage_url(url)  # a malformed URL fails before the model loads; nothing is created yet
     session = session_factory(recipe.base)
     shape = model_shape(session, recipe.base)
     dists = distributions(cfg.space, shape)
     check_overlay(recipe, dists, shape)
+    rdb = open_storage(url, cfg.heartbeat)  # only now: a rejected model or space leaves no study database behind
     study, created = open_study(recipe, rdb, shape)
     enqueued = enqueue_seeds(study, recipe, shape, dists, session_allocation(session, recipe.base), created)
     existing = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
@@ -233,8 +234,23 @@ def run_search(
     return study
 
 
+def check_storage_url(url: str) -> None:
+    """InputError when ``url`` is not a database URL (parsed only: nothing is connected to or created)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise InputError(f"--storage {shown_url(url)!r}: not a database URL (e.g. sqlite:///path/search.db)") from None
+
+
 def check_overlay(recipe: SearchRecipe, dists: dict[str, BaseDistribution], shape: ModelShape) -> None:
-    """Overlay one point of the space (every parameter at its first value) and validate the recipe, so that a
-    space the base recipe cannot express fails at start-up with exit code 2, not trial by trial."""
-    probe = {name: getattr(d, "choices", [getattr(d, "low", None)])[0] for name, d in dists.items()}
-    overlay(recipe.base, probe, recipe.search.space, shape, f"{recipe.origin} (search.space overlay)")
+    """Overlay two points of the space (every parameter at its first, then at its last value) and validate the
+    recipe, so that a space the base recipe cannot express fails at start-up with exit code 2, not trial by trial."""
+    for end in (0, -1):  # both ends of every range (an invalid upper end would otherwise fail in a trial)
+        probe = {
+            name: getattr(d, "choices", [getattr(d, "low", None), getattr(d, "high", None)])[end]
+            for name, d in dists.items()
+        }
+        overlay(recipe.base, probe, recipe.search.space, shape, f"{recipe.origin} (search.space overlay)")

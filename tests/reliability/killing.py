@@ -44,10 +44,16 @@ def _start(recipe: Path, work: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _writing(proc: subprocess.Popen[str], work: Path) -> bool:
+    """Whether ``proc`` has its own temporary folder (named after its process id; a leftover of an earlier run
+    does not count)."""
+    return any(p.name.startswith(f".out.tmp-{proc.pid}-") for p in work.iterdir())
+
+
 def _wait_for_tmp(proc: subprocess.Popen[str], work: Path, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
-        if any(p.name.startswith(".out.tmp-") for p in work.iterdir()):
+        if _writing(proc, work):
             return True
         time.sleep(0.002)
     return False
@@ -83,7 +89,7 @@ def kill_loop(model_dir: Path, work: Path, kills: int, seed: int = 0, run_second
         else:  # anywhere in the run
             time.sleep(rng.uniform(0.0, run_seconds))
         if proc.poll() is None:
-            writing = any(p.name.startswith(".out.tmp-") for p in work.iterdir())
+            writing = _writing(proc, work)
             proc.send_signal(signal.SIGKILL)
             report.kills += 1
             report.in_window += writing

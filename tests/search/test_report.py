@@ -66,7 +66,10 @@ def test_report_only_and_materialize_through_the_normal_runner(searched, tmp_pat
         report = {"sizes": {"params_after": 123}, "evaluation": {"rows": [{"metric": "ppl", "compressed": 12.5}]}}
         return SimpleNamespace(checkpoint=Path(recipe.output.dir), report=report)
 
-    code = search_cli([str(path), "--report-only", "--materialize", "2", "--out", str(tmp_path)], runner=runner)
+    storage = f"sqlite:///{out / 'search.db'}"  # --out moves the default study database too: name the stored one
+    code = search_cli(
+        [str(path), "--report-only", "--materialize", "2", "--out", str(tmp_path), "--storage", storage], runner=runner
+    )
     assert code == 0
     assert (tmp_path / "pareto.md").read_text() == (out / "pareto.md").read_text()
     materialized = json.loads((tmp_path / "materialized.json").read_text())
