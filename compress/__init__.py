@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["run", "load_recipe", "RunResult", "prune", "quantize", "apply", "save", "history"]
+__all__ = ["run", "load_recipe", "RunResult", "prune", "quantize", "recover", "apply", "save", "history"]
 
 # Imported eagerly, after the submodules they use: ``compress.prune`` and ``compress.quantize`` name the API
 # functions, not the submodules of the same names (those stay importable: ``from compress.quantize import ...``).
-from compress.api import apply, history, prune, quantize, save  # noqa: E402
+from compress.api import apply, history, prune, quantize, recover, save  # noqa: E402
 
 
 def run(recipe: Any, overrides: list[str] | None = None) -> Any:

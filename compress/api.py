@@ -32,7 +32,7 @@ from compress.checkpoint import PROVENANCE_FILE, prepare_output, quantization_co
 from compress.corpus import calibration_batches, corpus_fingerprint
 from compress.prune.pruner import count_parameters, prunable_parameters
 from compress.quantize import module_settings, quant_linears, weight_storage
-from compress.recipe import CalibrationConfig, QuantizeStep, Step
+from compress.recipe import CalibrationConfig, DistillStep, QuantizeStep, Step
 from compress.report import report_markdown
 from compress.steps import StepContext, apply_step
 from quant.errors import InputError
@@ -92,6 +92,8 @@ def calibration_ids(tokenizer: Any, calibration: Calibration, seed: int) -> tupl
 
 
 def _needs_calibration(step: Any) -> bool:
+    if isinstance(step, DistillStep):  # draws its own training windows from distill.data
+        return False
     return not isinstance(step, QuantizeStep) or step.quantize.activation_aware
 
 
@@ -105,8 +107,10 @@ def apply(
     seed: int = 0,
     batch_size: int = 8,
     device: str | None = None,
+    source: str | None = None,
 ) -> nn.Module:
-    """Apply one step of ``kind`` ("prune", "nas", "quantize", any kind of ``compress.steps.HANDLERS``) in place."""
+    """Apply one step of ``kind`` ("prune", "nas", "quantize", "distill", any kind of ``compress.steps.HANDLERS``)
+    in place; ``source`` names the dense parent (a model folder, Hub id or "default") for steps that need it."""
     step = _parse_step(kind, config)
     record = history(model)
     torch.manual_seed(seed)
@@ -117,7 +121,7 @@ def apply(
     else:
         arch = arch_for(model.config)
         data = cal_record["data"] if cal_record else "web:calibration"
-        ctx = StepContext(model, tokenizer, arch, ids, batch_size, device, seed, data)
+        ctx = StepContext(model, tokenizer, arch, ids, batch_size, device, seed, data, source=source)
         result = apply_step(step, ctx)
     record["steps"].append(step.model_dump(mode="json"))
     record["records"].append(result)
@@ -141,6 +145,12 @@ def quantize(
     """Packed quantization in place (``config``: a :class:`compress.recipe.QuantizeConfig` or its dict); calibration
     is drawn only for ``activation_aware``."""
     return apply(model, tokenizer, "quantize", config, calibration, **kw)
+
+
+def recover(model: nn.Module, tokenizer: Any, config: Any = None, *, teacher: str, **kw: Any) -> nn.Module:
+    """Recovery after pruning, in place: blockwise local distillation (then optional global KD) against the dense
+    parent ``teacher`` (a model folder, Hub id or "default"; loaded again), ``config`` a ``DistillConfig``."""
+    return apply(model, tokenizer, "distill", config, None, source=teacher, **kw)
 
 
 def decoder_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:

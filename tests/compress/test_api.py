@@ -115,3 +115,17 @@ def test_a_typo_names_the_field():
         compress.prune(model, None, {"ratoi": 0.2})
     with pytest.raises(InputError, match=r"field 'ratio'"):
         compress.prune(model, None, {"ratio": 1.5})
+
+
+def test_recover_distills_against_the_dense_parent(model_dir):
+    from compress.loading import load_model
+
+    loaded = load_model(str(model_dir))
+    model = compress.prune(loaded.model, loaded.tokenizer, {"ratio": 0.3}, calibration={"samples": 4, "seq_len": 32})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    distill = {"data": "web:calibration", "samples": 4, "seq_len": 32, "batch_size": 2, "steps": 2}
+    compress.recover(model, loaded.tokenizer, distill, teacher=str(model_dir))
+    assert [next(iter(s)) for s in compress.history(model)["steps"]] == ["prune", "distill"]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(InputError, match="dense parent"):
+        compress.apply(model, loaded.tokenizer, "distill", distill)
