@@ -137,6 +137,7 @@ class Metric:
     structural: bool  # known once the steps ran, before any evaluation
     measure: Callable[[Probe], float]
     about: str
+    proxy: bool = False  # measured on the float model before any quantize step (Φ needs float weights)
 
 
 def _ppl(probe: Probe) -> float:
@@ -156,8 +157,8 @@ def _phi(key: str) -> Callable[[Probe], float]:
 
 METRICS: dict[str, Metric] = {
     "ppl": Metric("minimize", False, _ppl, "perplexity on the search's selection text"),
-    "phi": Metric("maximize", False, _phi("phi"), "TraceNAS proxy Φ (gradient-trace alignment)"),
-    "phi_norm": Metric("maximize", False, _phi("phi_norm"), "Φ per active sub-block"),
+    "phi": Metric("maximize", False, _phi("phi"), "TraceNAS proxy Φ (gradient-trace alignment)", proxy=True),
+    "phi_norm": Metric("maximize", False, _phi("phi_norm"), "Φ per active sub-block", proxy=True),
     "params": Metric("minimize", True, lambda p: float(count_parameters(p.model)), "parameters"),
     "prunable_params": Metric(
         "minimize", True, lambda p: float(prunable_parameters(p.model, p.arch)), "decoder linear parameters"

@@ -23,7 +23,7 @@ from compress.candidates import DenseCache
 from compress.corpus import calibration_batches
 from compress.evaluate import lm_eval_tasks
 from compress.loading import load_model
-from compress.metrics import Probe, measure
+from compress.metrics import Probe, measure, metric
 from compress.prune.pruner import needs_statistics
 from compress.recipe import LmEvalConfig, NasStep, PerplexityConfig, PruneStep, QuantizeStep, Recipe
 from compress.steps import StepContext, apply_step
@@ -117,7 +117,7 @@ class Session:
 
         Φ / Φ_norm are computed on the pruned model before any quantize step (the proxy needs float weights) and
         need a dense-statistics prune step (or none)."""
-        wants_phi = "phi" in objectives or "phi_norm" in objectives
+        wants_phi = any(metric(name).proxy for name in objectives)
         key = json.dumps([s.model_dump(mode="json") for s in recipe.steps], sort_keys=True)
         if self._last is not None and self._last[0] == key and (self._last[1].pruned is not None or not wants_phi):
             built = self._last[1]
