@@ -30,6 +30,7 @@ from torch import nn
 from compress.adapters import Arch, decoder_layers, model_config, skipped_sub_blocks
 from compress.card import model_card, push_to_hub  # noqa: F401  # push_to_hub: re-exported (pipeline, tests)
 from compress.errors import one_line, shown
+from compress.export.stock import StockConfig, add_zero_biases, stock_config
 from compress.output_dir import check_output, clean_leftovers, follow_umask, temp_sibling
 from compress.prune.surgery import layer_shapes
 from compress.quantize import dequantize_model, quant_linears
@@ -88,7 +89,8 @@ def _patch_config(
     shapes: list[dict[str, list[int]]],
     skipped: list[list[str]],
     quantization: dict[str, Any] | None,
-) -> None:
+) -> StockConfig:
+    """Record per-layer shapes; a standard config when they allow one (no remote code), else ``auto_map``."""
     path = folder / "config.json"
     config = json.loads(path.read_text())
     config.pop("quantization_config", None)
@@ -99,8 +101,13 @@ def _patch_config(
     config["secateurs_layers_path"] = arch.layers
     config["secateurs_skipped"] = skipped
     config["secateurs_sub_blocks"] = arch.sub_blocks
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_secateurs.SecateursForCausalLM"}
+    stock = stock_config(config, arch, shapes, skipped)
+    if stock.config is None:
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_secateurs.SecateursForCausalLM"}
+    else:
+        config = stock.config
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return stock
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any] | None:
@@ -131,7 +138,9 @@ def write_checkpoint(
 
     ``verify(tmp_dir)`` runs on the complete temporary folder before it is renamed into place (e.g. a reload
     check); it may return extra files {name: text} to add, and an exception from it leaves nothing behind.
-    ``export="dequantized"`` writes packed layers as plain fp32 linears (for tools that accept nothing else).
+    ``export="dequantized"`` writes packed layers as plain linears in the model's own dtype (for tools that accept
+    nothing else). Uniform shapes with nothing skipped get a standard config (``compress.export.stock``): no
+    ``auto_map``, no remote code.
     """
     prepare_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +153,7 @@ def write_checkpoint(
             dequantize_model(model)
         model.save_pretrained(tmp)  # type: ignore[operator]
         tokenizer.save_pretrained(tmp)
-        _patch_config(
+        stock = _patch_config(
             tmp,
             arch,
             base_architecture,
@@ -152,10 +161,13 @@ def write_checkpoint(
             model_skipped(model, arch),
             quantization_config(model),
         )
-        (tmp / REMOTE_FILE).write_text(remote_code_source(base_architecture))
+        add_zero_biases(tmp, stock.zero_biases)
+        if stock.config is None:
+            (tmp / REMOTE_FILE).write_text(remote_code_source(base_architecture))
         weights = sorted(tmp.glob("*.safetensors"))
         record = dict(provenance)
         record["versions"] = versions()
+        record["remote_code"] = {"needed": stock.config is None, "reason": stock.reason or "standard config"}
         record["tensors"] = {k: v for w in weights for k, v in tensor_hashes(w).items()}
         record["bytes_on_disk"] = {w.name: w.stat().st_size for w in weights}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

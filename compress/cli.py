@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("model")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     _verify_flag(info)
+    export = sub.add_parser("export", help="export a checkpoint: GGUF for llama.cpp, or dequantized HF (--to hf)")
+    export.add_argument("model", help="checkpoint directory")
+    export.add_argument("--to", choices=["gguf", "hf"], required=True)
+    export.add_argument("--type", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0")
+    export.add_argument("--out", help="output file (gguf: DIR.TYPE.gguf) or directory (hf: DIR-dequantized)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     sub.add_parser("search", help="multi-objective search over recipes (secateurs search -h for its options)")
     return parser
 
@@ -172,6 +178,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else None
+    if args.to == "hf":
+        from compress.export.hf import export_hf
+
+        print(f"wrote {export_hf(Path(args.model), out, args.overwrite)}")
+        return 0
+    from compress.export.gguf_writer import export_gguf
+
+    summary = export_gguf(Path(args.model), out, args.type, args.overwrite)
+    counts = {(layer["n_head"], layer["n_kv"], layer["n_ff"]) for layer in summary["layers"]}
+    print(
+        f"wrote {summary['file']}: llama.cpp architecture {summary['architecture']!r}, {len(summary['layers'])} layers "
+        f"({len(counts)} distinct head/KV/FFN shapes), type {summary['type']}, {len(summary['tensor_types'])} tensors"
+    )
+    return 0
+
+
 def _first_word(argv: list[str]) -> int:
     """Index of the first argument that is not an option (the subcommand)."""
     return next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
@@ -189,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="secateurs: %(message)s"
     )
-    handlers: dict[str, Any] = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info}
+    handlers: dict[str, Any] = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}
     try:
         return int(handlers[args.command](args))
     except InputError as err:

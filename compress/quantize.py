@@ -173,13 +173,23 @@ def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def dequantize_model(model: nn.Module) -> None:
-    """Replace every QuantLinear by an nn.Linear holding its dequantized fp32 weight (``export: dequantized``)."""
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The model's own dtype: that of its float parameters (embeddings, norms; packed layers hold buffers only)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Replace every QuantLinear by an nn.Linear holding its dequantized weight (``export: dequantized``).
+
+    The product is formed in fp32 and rounded once to ``dtype`` (default: the model's own dtype, so a bf16 or fp16
+    model stays bf16/fp16 rather than doubling its size in fp32).
+    """
+    dtype = dtype or float_dtype(model)
     for name, module in quant_linears(model).items():
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        linear.weight.data = module.dequantized_weight().to(module.scales.device)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
+        linear.weight.data = module.dequantized_weight(torch.float32).to(module.scales.device, dtype)
         if module.bias is not None:
-            linear.bias.data = module.bias.float().clone()
+            linear.bias.data = module.bias.to(dtype).clone()
         set_submodule(model, name, linear)
 
 
