@@ -104,7 +104,12 @@ class PruneConfig(Strict):
         description="repair after the units are chosen: none, FLAP's bias compensation, or a ridge least-squares "
         "refit of o_proj/down_proj to the dense outputs (compressed-prefix inputs); default from bias_compensation",
     )
-    ridge: float = Field(0.01, ge=0.0, description="least squares: ridge λ relative to the mean diagonal of XXᵀ")
+    ridge: float | None = Field(
+        None,
+        ge=0.0,
+        description="least squares: ridge λ relative to the mean diagonal of XXᵀ; default: chosen per consumer from "
+        "0.01..1e4 on held-out calibration mini-batches",
+    )
     square_attention_scores: bool = True
     min_units: int = Field(
         1, ge=0, description="units every module keeps (0: the threshold may remove a whole sub-block)"

@@ -33,6 +33,7 @@ from compress.loading import load_model
 from compress.prune.pruner import apply_masks, collect_statistics, plan_masks, prunable_parameters
 from compress.recipe import PerplexityConfig, PruneConfig
 from compress.recover.distill import TrainSettings, distill_blocks, distill_global
+from compress.recover.least_squares import RIDGE_GRID
 from compress.recover.reconstruct import reconstruct_model
 
 ROWS = ("none", "bias", "least squares", "least squares + BLD", "+ global KD")
@@ -47,7 +48,13 @@ def main() -> None:
     p.add_argument("--calibration", default="mix:calibration")
     p.add_argument("--samples", type=int, default=64, help="calibration windows (statistics + least squares)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--alpha", type=float, default=0.01, help="ridge, relative to the mean Gram diagonal")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        nargs="+",
+        default=RIDGE_GRID,
+        help="ridge (several: chosen on held-out calibration batches)",
+    )
     p.add_argument("--train-data", default="mix:calibration")
     p.add_argument("--bld-samples", type=int, default=32)
     p.add_argument("--bld-steps", type=int, default=16)
@@ -61,7 +68,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--from-log", help="only render: take the dense and row lines an interrupted run printed")
     args = p.parse_args()
+    if args.from_log:
+        render_log(Path(args.from_log), args)
+        return
     torch.manual_seed(args.seed)
     out = Path(args.out)
     path = out / "recovery.json"
@@ -153,7 +164,30 @@ def run_block(ctx: Context, ratio: float, structure: str) -> list[dict[str, Any]
     return block
 
 
+def render_log(log: Path, args: argparse.Namespace) -> None:
+    """Rebuild recovery.{json,md} from the lines a run printed (``dense {...}`` and one ``{...}`` per row), with
+    the settings given on this command line (they must be the run's)."""
+    import ast
+
+    record: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "from_log"}, "rows": []}
+    record["threads"] = torch.get_num_threads()
+    for line in log.read_text().replace("\r", "\n").splitlines():
+        if line.startswith("dense {"):
+            record["dense"] = ast.literal_eval(line[len("dense ") :])
+        elif line.startswith("{'ratio'"):
+            record["rows"].append(ast.literal_eval(line))
+    record["incomplete"] = "rendered from the log of a run stopped at the deadline"
+    _write(Path(args.out), record)
+    print(render(record))
+
+
 def _write(out: Path, record: dict[str, Any]) -> None:
+    record.setdefault("load_averages", []).append(round(os.getloadavg()[0], 1))
+    loads = record["load_averages"]
+    record["machine_note"] = (
+        f"{os.cpu_count()} CPUs shared with other jobs during the run: 1-minute load average {min(loads)}-"
+        f"{max(loads)} when rows were written, so the timings are several times those of an idle machine"
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "recovery.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     (out / "recovery.md").write_text(render(record))
@@ -171,7 +205,8 @@ def render(record: dict[str, Any]) -> str:
         "compressed PPL. Calibration: "
         f"`{s.get('calibration')}`, {s.get('samples')} × {s.get('seq_len')} tokens (statistics and least squares);"
         f" BLD / KD training windows from `{s.get('train_data')}` (seed + 1, so not the calibration windows).",
-        f"Least squares: ridge α = {s.get('alpha')}. BLD: {s.get('bld_steps')} AdamW steps per layer, lr"
+        f"Least squares: ridge α from {s.get('alpha')} (per consumer, on held-out calibration batches)."
+        f" BLD: {s.get('bld_steps')} AdamW steps per layer, lr"
         f" {s.get('bld_lr')}, train `{s.get('bld_train')}`, {s.get('bld_samples')} windows, {s.get('batch')} per"
         f" step, dense inputs. Global KD: {s.get('kd_steps')} steps, lr {s.get('kd_lr')}, {s.get('batch')} windows"
         " per step.",
@@ -193,7 +228,54 @@ def render(record: dict[str, Any]) -> str:
             f"{dense['web:eval'] / web:.3f} | {prose:.2f} | {dense['prose:eval'] / prose:.3f} | {r['seconds']:.0f} | "
             f"{r['tokens']} |"
         )
+    if record.get("incomplete"):
+        lines += [
+            "",
+            f"**Incomplete:** {record['incomplete']}; the (ratio, structure) rows missing above were not run.",
+        ]
+    lines += ["", *goals(record)]
     return "\n".join(lines) + "\n"
+
+
+def goals(record: dict[str, Any]) -> list[str]:
+    """The issue's goals, checked on the rows present (benchmarks, not asserts)."""
+    dense, rows = record.get("dense", {}), record.get("rows", [])
+    if not rows:
+        return []
+    out = ["## Goals (checked on the rows above)", ""]
+    for r in rows:
+        web = dense["web:eval"] / r["ppl"]["web:eval"]
+        if r["ratio"] == 0.2:
+            ok = "met" if web >= 0.87 else "not met"
+            out.append(f"- 20 % {r['structure']} {r['recovery']}: web recovery {web:.3f} ≥ 0.87: {ok}")
+        if r["ratio"] == 0.5:
+            times = r["ppl"]["web:eval"] / dense["web:eval"]
+            out.append(
+                f"- 50 % {r['structure']} {r['recovery']}: web PPL {times:.2f}× dense ≤ 2×: "
+                f"{'met' if times <= 2 else 'not met'}"
+            )
+    for r in rows:
+        none = next(
+            (
+                x
+                for x in rows
+                if x["ratio"] == r["ratio"] and x["structure"] == r["structure"] and x["recovery"] == "none"
+            ),
+            None,
+        )
+        if none is not None and r["recovery"] != "none" and r["ppl"]["prose:eval"] > none["ppl"]["prose:eval"]:
+            out.append(
+                f"- prose:eval worse than no recovery: {r['ratio']:.0%} {r['structure']} {r['recovery']} "
+                f"({r['ppl']['prose:eval']:.2f} > {none['ppl']['prose:eval']:.2f})"
+            )
+    if all(
+        r["ppl"]["prose:eval"] <= x["ppl"]["prose:eval"]
+        for r in rows
+        for x in rows
+        if x["recovery"] == "none" and x["ratio"] == r["ratio"] and x["structure"] == r["structure"]
+    ):
+        out.append("- prose:eval: no recovery setting is worse than no recovery (met on these rows)")
+    return out
 
 
 if __name__ == "__main__":

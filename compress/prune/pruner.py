@@ -34,6 +34,7 @@ from compress.prune.scores import (
 )
 from compress.prune.surgery import remove_kv_groups, remove_mlp_channels
 from compress.recipe import PruneConfig
+from compress.recover.least_squares import RIDGE_GRID
 from compress.recover.reconstruct import reconstruct_model
 from quant.errors import InputError
 
@@ -207,7 +208,8 @@ def prune_model(
         if calibration_ids is None:
             raise ValueError("least-squares reconstruction needs calibration data")
         residuals = reconstruct_model(
-            model, arch, calibration_ids, attn_keep, mlp_keep, cfg.ridge, stats, batch_size, device
+            model, arch, calibration_ids, attn_keep, mlp_keep, RIDGE_GRID if cfg.ridge is None else cfg.ridge, stats,
+            batch_size, device,
         )
         return {"method": cfg.method, **mask_summary(attn_keep, mlp_keep), "refit_residual": residuals}
     if cfg.statistics == "progressive" and needs_stats:

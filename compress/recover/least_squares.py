@@ -60,6 +60,14 @@ class PairStats:
         self.zy += z64.T @ y64
         self.sum_yy += float((y64 * y64).sum())
 
+    def merged(self, other: PairStats) -> PairStats:
+        """Statistics of both token sets together."""
+        out = PairStats(self.inputs, self.outputs)
+        out.count, out.sum_yy = self.count + other.count, self.sum_yy + other.sum_yy
+        out.sum_z, out.sum_y = self.sum_z + other.sum_z, self.sum_y + other.sum_y
+        out.zz, out.zy = self.zz + other.zz, self.zy + other.zy
+        return out
+
     def centred(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(z̄ [K], ȳ [out], Z_c Z_cᵀ [K, K], Z_c Y_cᵀ [K, out])."""
         n = max(self.count, 1)
@@ -112,3 +120,23 @@ def relative_residual(stats: PairStats, weight: Tensor, bias: Tensor) -> float:
     residual = float(torch.sum((w @ gram) * w)) - 2 * float(torch.sum(w.T * cross)) + total
     residual += stats.count * float(offset @ offset)
     return max(0.0, residual) / total if total > 0 else 0.0
+
+
+def select_ridge(fit: PairStats, holdout: PairStats, prior: Tensor, alphas: list[float]) -> tuple[float, float]:
+    """The α of ``alphas`` whose refit on ``fit`` has the lowest relative residual on ``holdout`` (held-out
+    calibration tokens, never evaluation data); ties go to the larger α (closer to bias compensation).
+
+    Returns (α, its held-out relative residual).
+    """
+    best: tuple[float, float] | None = None
+    for alpha in sorted(alphas, reverse=True):
+        weight, bias = ridge_refit(fit, prior, alpha)
+        score = relative_residual(holdout, weight, bias)
+        if best is None or score < best[1]:
+            best = (alpha, score)
+    assert best is not None, "alphas is empty"
+    return best
+
+
+# ridge grid chosen from on held-out calibration tokens when none is given; 1e4 is bias compensation in effect
+RIDGE_GRID = [0.01, 0.1, 1.0, 10.0, 100.0, 1e4]

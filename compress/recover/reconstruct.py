@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from compress.adapters import Arch, AttentionLayout, attention_layout, linear_at, model_config, set_submodule
 from compress.calibration import LayerInputs, LayerStats, calibrate_paired, run_layer
 from compress.prune.surgery import remove_kv_groups, remove_mlp_channels
-from compress.recover.least_squares import PairStats, relative_residual, ridge_refit
+from compress.recover.least_squares import PairStats, relative_residual, ridge_refit, select_ridge
+from quant.errors import InputError
 
 
 class _Stop(Exception):
@@ -36,14 +37,22 @@ def _capture_outputs(module: nn.Module, store: list[Tensor]) -> Any:
 
 
 def _accumulate(
-    layer: nn.Module, consumer: nn.Linear, inputs: LayerInputs, targets: list[Tensor], stop_at: nn.Module | None
-) -> PairStats:
-    """Run ``layer`` on ``inputs`` (stopping before ``stop_at``), pairing the consumer's inputs with ``targets``."""
-    stats = PairStats(consumer.in_features, consumer.out_features)
+    layer: nn.Module,
+    consumer: nn.Linear,
+    inputs: LayerInputs,
+    targets: list[Tensor],
+    stop_at: nn.Module | None,
+    holdout_every: int,
+) -> tuple[PairStats, PairStats]:
+    """Run ``layer`` on ``inputs`` (stopping before ``stop_at``), pairing the consumer's inputs with ``targets``:
+    (statistics of the fit mini-batches, of the held-out ones: every ``holdout_every``-th, 0 = none)."""
+    fit = PairStats(consumer.in_features, consumer.out_features)
+    holdout = PairStats(consumer.in_features, consumer.out_features)
     batch = [0]
 
     def grab(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
-        stats.add_batch(args[0], targets[batch[0]])
+        held = holdout_every > 0 and batch[0] % holdout_every == holdout_every - 1
+        (holdout if held else fit).add_batch(args[0], targets[batch[0]])
 
     def stop(_m: nn.Module, _args: tuple[Any, ...]) -> None:
         raise _Stop
@@ -61,7 +70,25 @@ def _accumulate(
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return fit, holdout
+
+
+def _refit(layer: nn.Module, path: str, fit: PairStats, holdout: PairStats, alphas: list[float]) -> dict[str, float]:
+    """Refit the consumer at ``path``: α chosen on the held-out mini-batches when several are given, then the
+    refit on all tokens. Returns {"alpha", "residual" (on all tokens), "holdout_residual" (when selected)}."""
+    prior = linear_at(layer, path).weight
+    record: dict[str, float] = {}
+    if len(alphas) > 1:
+        if holdout.count == 0:
+            raise ValueError("choosing the ridge needs held-out calibration mini-batches")
+        alpha, record["holdout_residual"] = select_ridge(fit, holdout, prior, alphas)
+    else:
+        alpha = alphas[0]
+    both = fit.merged(holdout) if holdout.count else fit
+    weight, bias = ridge_refit(both, prior, alpha)
+    _install(layer, path, weight, bias)
+    record.update(alpha=alpha, residual=relative_residual(both, weight, bias))
+    return record
 
 
 def _install(layer: nn.Module, path: str, weight: Tensor, bias: Tensor) -> None:
@@ -82,13 +109,16 @@ def reconstruct_layer(
     mlp_keep: Tensor,
     dense_in: LayerInputs,
     compressed_in: LayerInputs,
-    alpha: float,
+    alphas: list[float],
     means: tuple[Tensor | None, Tensor | None] = (None, None),
-) -> tuple[list[Tensor], list[Tensor], dict[str, float]]:
+    holdout_every: int = 4,
+) -> tuple[list[Tensor], list[Tensor], dict[str, dict[str, float]]]:
     """Prune one dense layer with the given keep-masks and refit its consumers (module docstring).
 
     ``means`` (mean o_proj / down_proj inputs on the dense stream) give the constant of a removed sub-block.
-    Returns (dense outputs, compressed outputs, {sub-block: relative squared error of the refit consumer}).
+    With several ``alphas`` the ridge of each consumer is chosen on every ``holdout_every``-th calibration
+    mini-batch (held out from the fit), then refitted on all of them.
+    Returns (dense outputs, compressed outputs, {sub-block: {"alpha", "residual", ...}} of the refit consumers).
     """
     o, down = linear_at(layer, arch.o), linear_at(layer, arch.down)
     y_o: list[Tensor] = []
@@ -99,22 +129,24 @@ def reconstruct_layer(
     finally:
         for h in handles:
             h.remove()
-    errors: dict[str, float] = {}
+    errors: dict[str, dict[str, float]] = {}
+    every = min(holdout_every, len(compressed_in.hidden)) if len(alphas) > 1 else 0
+    if every == 1:
+        raise InputError(
+            "prune.ridge: choosing the ridge needs at least 2 calibration mini-batches (calibration.samples > "
+            "calibration.batch_size), or give prune.ridge"
+        )
     mlp_module = layer.get_submodule(arch.sub_block("mlp")[0])
     if not bool(attn_keep.all()):
         remove_kv_groups(layer, arch, layout, attn_keep, means[0])
         if bool(attn_keep.any()):
-            stats = _accumulate(layer, linear_at(layer, arch.o), compressed_in, y_o, mlp_module)
-            weight, bias = ridge_refit(stats, linear_at(layer, arch.o).weight, alpha)
-            _install(layer, arch.o, weight, bias)
-            errors["attn"] = relative_residual(stats, weight, bias)
+            fit, held = _accumulate(layer, linear_at(layer, arch.o), compressed_in, y_o, mlp_module, every)
+            errors["attn"] = _refit(layer, arch.o, fit, held, alphas)
     if not bool(mlp_keep.all()):
         remove_mlp_channels(layer, arch, mlp_keep, means[1])
         if bool(mlp_keep.any()):
-            stats = _accumulate(layer, linear_at(layer, arch.down), compressed_in, y_down, None)
-            weight, bias = ridge_refit(stats, linear_at(layer, arch.down).weight, alpha)
-            _install(layer, arch.down, weight, bias)
-            errors["mlp"] = relative_residual(stats, weight, bias)
+            fit, held = _accumulate(layer, linear_at(layer, arch.down), compressed_in, y_down, None, every)
+            errors["mlp"] = _refit(layer, arch.down, fit, held, alphas)
     changed = not (bool(attn_keep.all()) and bool(mlp_keep.all()))
     same_stream = compressed_in.hidden is dense_in.hidden  # nothing before this layer was changed
     compressed_out = dense_out if same_stream and not changed else run_layer(layer, compressed_in)
@@ -127,15 +159,18 @@ def reconstruct_model(
     calibration_ids: Tensor,
     attn_keep: list[Tensor],
     mlp_keep: list[Tensor],
-    alpha: float,
+    alpha: float | list[float],
     stats: list[LayerStats] | list[None],
     batch_size: int = 8,
     device: str | None = None,
-    progress: Callable[[int, dict[str, float]], None] | None = None,
-) -> list[dict[str, float]]:
-    """Prune the dense ``model`` in place with least-squares reconstruction; one record per layer."""
+    progress: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
+) -> list[dict[str, dict[str, float]]]:
+    """Prune the dense ``model`` in place with least-squares reconstruction; one record per layer.
+
+    ``alpha``: the ridge, or a grid to choose it from per consumer on held-out calibration mini-batches."""
     config = model_config(model)
-    records: list[dict[str, float]] = []
+    alphas = [alpha] if isinstance(alpha, int | float) else list(alpha)
+    records: list[dict[str, dict[str, float]]] = []
 
     def visit(
         index: int, _dense: nn.Module, layer: nn.Module, dense_in: LayerInputs, compressed_in: LayerInputs
@@ -144,7 +179,7 @@ def reconstruct_model(
         means = (st["o"].mean, st["down"].mean) if st is not None else (None, None)
         layout = attention_layout(config, layer, arch)
         dense_out, compressed_out, errors = reconstruct_layer(
-            layer, arch, layout, attn_keep[index], mlp_keep[index], dense_in, compressed_in, alpha, means
+            layer, arch, layout, attn_keep[index], mlp_keep[index], dense_in, compressed_in, alphas, means
         )
         records.append(errors)
         if progress is not None:

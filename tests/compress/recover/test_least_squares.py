@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compress.prune.surgery import compensation_bias
-from compress.recover.least_squares import PairStats, relative_residual, ridge_refit
+from compress.recover.least_squares import PairStats, relative_residual, ridge_refit, select_ridge
 
 
 def _data(n: int = 400, c: int = 12, out: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,3 +80,19 @@ def test_errors() -> None:
     stats.add_batch(torch.randn(4, 3), torch.randn(4, 2))
     with pytest.raises(ValueError, match="alpha"):
         ridge_refit(stats, torch.zeros(2, 3), -1.0)
+
+
+def test_select_ridge_picks_the_best_held_out_alpha() -> None:
+    x, w, b = _data(n=60, c=40, seed=5)  # few tokens per channel: the unregularised fit overfits the noise
+    keep = torch.arange(40) < 30
+    noise = torch.randn(60, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y = x @ w.T + b + 2.0 * noise
+    fit, held = _stats(x[:40, keep], y[:40], 2), _stats(x[40:, keep], y[40:], 2)
+    alphas = [0.0, 0.01, 1.0, 100.0]
+    alpha, score = select_ridge(fit, held, w[:, keep], alphas)
+    scores = {a: relative_residual(held, *ridge_refit(fit, w[:, keep], a)) for a in alphas}
+    assert score == min(scores.values()) and scores[alpha] == score
+    assert alpha > 0.0  # the plain fit is not the held-out best here
+    merged = fit.merged(held)
+    direct = _stats(x[:, keep], y, 4)
+    assert merged.count == 60 and torch.allclose(merged.zz, direct.zz) and merged.sum_yy == pytest.approx(direct.sum_yy)

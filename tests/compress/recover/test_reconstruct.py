@@ -51,7 +51,7 @@ def test_least_squares_beats_bias_compensation_on_calibration_data() -> None:
     arch, cfg, stats, attn, mlp = _plan(dense)
     apply_masks(bias_model, arch, cfg, stats, attn, mlp)
     records = reconstruct_model(ls_model, arch, _ids(), attn, mlp, 1e-3, stats, 4)
-    assert all(0 <= r["mlp"] < 1 for r in records)
+    assert all(0 <= r["mlp"]["residual"] < 1 and r["mlp"]["alpha"] == 1e-3 for r in records)
     ids = _ids()
     assert _hidden_error(ls_model, dense, ids) < 0.8 * _hidden_error(bias_model, dense, ids)
     # same shapes as the plain surgery (the refit only changes values, and gives every consumer a bias)
