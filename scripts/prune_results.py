@@ -37,7 +37,8 @@ VARIANTS = [
     # ablations (run with --variants 6 7 8 9 --name pruning-ablation): what the allocation and compensation bring
     ("FLAP (WIFV, AL-AM) without bias compensation", {"method": "flap", "bias_compensation": False}),
     ("Wanda-sp (AL-AM, standardised scores)", {"method": "wanda-sp", "structure": "AL-AM"}),
-    ("Wanda-sp (UL-MM) with bias compensation", {"method": "wanda-sp", "bias_compensation": True}),
+    ("Wanda-sp (UL-MM, nearest rounding) with bias compensation",
+     {"method": "wanda-sp", "bias_compensation": True, "uniform_rounding": "nearest"}),
     # the earlier, unfair setup: round((1 − ratio)·3) groups kept (2 of 3 at 20, 30 and 50 %)
     ("Wanda-sp (UL-MM, nearest rounding)", {"method": "wanda-sp", "uniform_rounding": "nearest"}),
 ]
