@@ -196,7 +196,15 @@ def render(report: dict[str, Any]) -> str:
         "plus the cached inputs and the parent's log-probabilities (T × vocabulary).",
     ]
     lines += ["", "## Against the baselines at equal parameter ratio", ""] + comparisons(report)
-    lines += ["", "## Chosen structure per layer (KV groups / MLP channels, – = no-op)", ""]
+    lines += [
+        "",
+        "## Chosen structure per layer (KV groups / MLP channels, – = no-op)",
+        "",
+        "Forward and block-latency ratios below were timed on the heavily shared CPU (other jobs kept the load far "
+        "above the 2 cores): they are noise-dominated and do not support a latency claim; re-measure on an idle "
+        "machine (`scripts/bench_latency.py`).",
+        "",
+    ]
     for r in report["rows"]:
         lines.append(
             f"- **{r['budget']}** (forward {r['forward_ratio']:.2f}× dense measured, Σ block latency "
