@@ -168,14 +168,14 @@ def build_provenance(
 
 def check_inputs(cfg: Recipe) -> None:
     """Fail on a missing model, unreadable data files or unknown lm-eval tasks before any expensive work
-    (loading, evaluation, calibration)."""
-    resolve_source(cfg.model)
+    (loading, evaluation, calibration). Cheap checks first: resolving the model may convert a GGUF file."""
     if cfg.evaluation is not None and cfg.evaluation.lm_eval is not None:
         resolve_tasks(cfg.evaluation.lm_eval.tasks)
     if cfg.steps:
         load_documents(cfg.calibration.data)
     if cfg.evaluation is not None and cfg.evaluation.perplexity is not None:
         load_documents(cfg.evaluation.perplexity.data)
+    resolve_source(cfg.model)
 
 
 @torch.no_grad()
