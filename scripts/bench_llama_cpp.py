@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--pruned", type=Path, nargs="+", required=True)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     try:

@@ -28,7 +28,7 @@ PROMPTS = [
 ]
 
 
-def llama_cpp_model(path: Path, n_ctx: int = 512, threads: int = 2):
+def llama_cpp_model(path: Path, n_ctx: int = 512, threads: int = 1):
     try:
         from llama_cpp import Llama
     except ImportError:
