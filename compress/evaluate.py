@@ -18,12 +18,10 @@ from torch.nn import functional as F
 
 from compress.corpus import eval_windows
 from compress.lm_tasks import task_manager
+from compress.metrics import recovery
 from compress.recipe import LmEvalConfig, PerplexityConfig
 
 log = logging.getLogger("secateurs")
-
-LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "ppl")
-
 
 @dataclass(frozen=True)
 class LmEvalOptions:
@@ -154,14 +152,6 @@ def evaluate_model(
         stderr.update(result["stderr"])
         protocol["lm_eval"] = result["protocol"]
     return {"metrics": metrics, "stderr": stderr, "protocol": protocol}
-
-
-def recovery(metric: str, dense: float, compressed: float) -> float | None:
-    """Compressed relative to dense, oriented so that 1.0 = full recovery and < 1 = worse."""
-    if dense == 0 or compressed == 0:
-        return None
-    lower_better = any(tag in metric for tag in LOWER_IS_BETTER)
-    return dense / compressed if lower_better else compressed / dense
 
 
 def within_one_stderr(dense: float, compressed: float, se_dense: float, se_compressed: float) -> bool:
