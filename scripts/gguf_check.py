@@ -28,12 +28,21 @@ PROMPTS = [
 ]
 
 
-def llama_cpp_model(path: Path, n_ctx: int = 512, threads: int = 1):
+GGML_TYPES = {"f32": 0, "f16": 1}  # ggml_type ids of llama.cpp's KV-cache types
+
+
+def llama_cpp_model(path: Path, n_ctx: int = 512, threads: int = 1, kv_cache: str = "f32"):
+    """llama.cpp with its KV cache in ``kv_cache`` (llama.cpp defaults to f16, which alone moves log-probs by
+    ~1e-2 on SmolLM2; f32 isolates the export itself)."""
     try:
         from llama_cpp import Llama
     except ImportError:
         sys.exit("llama_cpp is not installed: run `bash scripts/build_llama_cpp.sh` first")
-    return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads, seed=0)
+    kv = GGML_TYPES[kv_cache]
+    return Llama(
+        model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads, seed=0,
+        type_k=kv, type_v=kv,
+    )  # fmt: skip
 
 
 def greedy_llama_cpp(llm, ids: list[int], steps: int) -> list[int]:
@@ -55,12 +64,12 @@ def greedy_transformers(model, ids: list[int], steps: int) -> list[int]:
     return [int(t) for t in generated[0, len(ids) :]]
 
 
-def check(folder: Path, gguf_path: Path, steps: int) -> dict:
+def check(folder: Path, gguf_path: Path, steps: int, kv_cache: str = "f32") -> dict:
     from compress.loading import load_model
 
     loaded = load_model(str(folder), dtype=torch.float32)
     model, tokenizer = loaded.model, loaded.tokenizer
-    llm = llama_cpp_model(gguf_path)
+    llm = llama_cpp_model(gguf_path, kv_cache=kv_cache)
     rows = []
     for prompt in PROMPTS:
         ids = [int(t) for t in tokenizer(prompt).input_ids]
@@ -97,6 +106,7 @@ def main() -> int:
     parser.add_argument("--type", default="f32")
     parser.add_argument("--steps", type=int, default=24, help="greedy tokens per prompt")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--kv-cache", choices=sorted(GGML_TYPES), default="f32", help="llama.cpp's KV-cache type")
     args = parser.parse_args()
     gguf_path = args.gguf
     if gguf_path is None or not gguf_path.exists():
@@ -106,7 +116,7 @@ def main() -> int:
         summary = export_gguf(args.checkpoint, gguf_path, args.type, overwrite=True)
         gguf_path = Path(summary["file"])
         print(f"exported {gguf_path} ({summary['architecture']}, {args.type}) in {time.perf_counter() - clock:.1f} s")
-    result = check(args.checkpoint, gguf_path, args.steps)
+    result = check(args.checkpoint, gguf_path, args.steps, args.kv_cache)
     for row in result["prompts"]:
         print(f"\nprompt {row['prompt']!r}: {row['tokens']} tokens, same tokenization: {row['same_tokenization']}")
         print(
