@@ -57,11 +57,14 @@ def greedy_llama_cpp(llm, ids: list[int], steps: int) -> list[int]:
 
 
 def greedy_transformers(model, ids: list[int], steps: int) -> list[int]:
+    """Plain argmax decoding, like :func:`greedy_llama_cpp` (``generate`` with ``min_new_tokens`` would suppress the
+    end-of-turn token that llama.cpp's argmax may pick, and the texts would part for that reason alone)."""
+    tokens = list(ids)
     with torch.no_grad():
-        generated = model.generate(
-            torch.tensor([ids]), max_new_tokens=steps, do_sample=False, min_new_tokens=steps, pad_token_id=0
-        )
-    return [int(t) for t in generated[0, len(ids) :]]
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([tokens]), use_cache=False).logits
+            tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(ids) :]
 
 
 def check(folder: Path, gguf_path: Path, steps: int, kv_cache: str = "f32") -> dict:
