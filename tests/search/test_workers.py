@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
@@ -50,6 +51,8 @@ def _trials(storage: str, study: str) -> list[optuna.trial.FrozenTrial]:
     try:
         return optuna.load_study(study_name=study, storage=database_url(storage)).get_trials(deepcopy=False)
     except KeyError:
+        return []
+    except sqlalchemy.exc.OperationalError:  # polled while the worker is still creating the schema in the new file
         return []
 
 
