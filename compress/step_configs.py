@@ -40,6 +40,12 @@ class PruneConfig(Strict):
         description="least squares: ridge λ relative to the mean diagonal of XXᵀ; default: chosen per consumer from "
         "0.01..1e4 on held-out calibration mini-batches",
     )
+    replacement: Literal["constant", "linear"] = Field(
+        "constant",
+        description="a removed sub-block (no unit kept): FLAP's constant (its mean output) or Puzzle's linear "
+        "replacement, a ridge least-squares map of its input (needs reconstruct: least_squares)",
+    )
+    replacement_rank: int = Field(0, ge=0, description="rank of a linear replacement (0 = full hidden × hidden)")
     square_attention_scores: bool = True
     min_units: int = Field(
         1, ge=0, description="units every module keeps (0: the threshold may remove a whole sub-block)"
@@ -97,6 +103,12 @@ class PruneConfig(Strict):
         if "bias_compensation" in self.model_fields_set and self.bias_compensation is not wanted:
             raise ValueError(f"reconstruct: {self.reconstruct} contradicts bias_compensation: {self.bias_compensation}")
         self.bias_compensation = wanted
+        return self
+
+    @model_validator(mode="after")
+    def _replacement(self) -> PruneConfig:
+        if self.replacement == "linear" and self.reconstruct != "least_squares":
+            raise ValueError("replacement: linear is fitted by reconstruct: least_squares")
         return self
 
     @model_validator(mode="after")

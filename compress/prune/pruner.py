@@ -209,7 +209,7 @@ def prune_model(
             raise ValueError("least-squares reconstruction needs calibration data")
         residuals = reconstruct_model(
             model, arch, calibration_ids, attn_keep, mlp_keep, RIDGE_GRID if cfg.ridge is None else cfg.ridge, stats,
-            batch_size, device,
+            batch_size, device, linear_rank=cfg.replacement_rank if cfg.replacement == "linear" else None,
         )
         return {"method": cfg.method, **mask_summary(attn_keep, mlp_keep), "refit_residual": residuals}
     if cfg.statistics == "progressive" and needs_stats:

@@ -140,3 +140,20 @@ def select_ridge(fit: PairStats, holdout: PairStats, prior: Tensor, alphas: list
 
 # ridge grid chosen from on held-out calibration tokens when none is given; 1e4 is bias compensation in effect
 RIDGE_GRID = [0.01, 0.1, 1.0, 10.0, 100.0, 1e4]
+
+
+def reduced_rank(stats: PairStats, weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Best rank-``rank`` restriction of a least-squares map (reduced-rank regression, Izenman 1975).
+
+    With Ŷ_c = W Z_c the fitted centred outputs, project W onto the top-r eigenvectors V_r [out, r] of
+    Ŷ_c Ŷ_cᵀ = W (Z_c Z_cᵀ) Wᵀ:  W_r = V_r V_rᵀ W, which for the unregularised fit minimises Σ_t ‖W_r z_t − y_t‖²
+    over all maps of rank ≤ r. Returns (up = V_r [out, r], down = V_rᵀ W [r, K], bias [out] = ȳ − W_r z̄), float64.
+    """
+    z_mean, y_mean, gram, _ = stats.centred()
+    w = weight.to(torch.float64)
+    if not 0 < rank <= min(w.shape):
+        raise ValueError(f"rank must be in 1..{min(w.shape)}, got {rank}")
+    _, vectors = torch.linalg.eigh(w @ gram @ w.T)  # ascending eigenvalues
+    up = vectors[:, -rank:].flip(-1)
+    down = up.T @ w
+    return up, down, y_mean - up @ (down @ z_mean)

@@ -10,7 +10,7 @@ together (``compress.calibration.calibrate_paired``). For layer i, still dense w
 
 So each layer also corrects the error of the already-compressed layers before it. A sub-block that keeps all
 its units is left untouched (ratio 0 leaves the model bit-identical); a removed sub-block keeps FLAP's constant
-(its mean dense output).
+(its mean dense output) or, as an option, gets Puzzle's linear replacement (a least-squares map of its input).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from compress.adapters import Arch, AttentionLayout, attention_layout, linear_at, model_config, set_submodule
 from compress.calibration import LayerInputs, LayerStats, calibrate_paired, run_layer
 from compress.prune.surgery import remove_kv_groups, remove_mlp_channels
-from compress.recover.least_squares import PairStats, relative_residual, ridge_refit, select_ridge
+from compress.recover.least_squares import PairStats, reduced_rank, relative_residual, ridge_refit, select_ridge
+from compress.remote.modeling_secateurs import linear_sub_block
 from quant.errors import InputError
 
 
@@ -91,6 +92,73 @@ def _refit(layer: nn.Module, path: str, fit: PairStats, holdout: PairStats, alph
     return record
 
 
+def _accumulate_block(
+    layer: nn.Module, arch: Arch, name: str, inputs: LayerInputs, targets: list[Tensor], holdout_every: int
+) -> tuple[PairStats, PairStats]:
+    """Pair the (pre-normed) input of sub-block ``name`` on ``inputs`` with ``targets`` (its dense outputs),
+    stopping each forward right after the pre-norm; (fit, held-out) statistics as :func:`_accumulate`."""
+    norm = layer.get_submodule(arch.sub_block(name)[1])
+    hidden = targets[0].shape[-1]
+    fit, holdout = PairStats(hidden, hidden), PairStats(hidden, hidden)
+    batch = [0]
+
+    def grab(_m: nn.Module, _args: tuple[Any, ...], out: Tensor) -> None:
+        held = holdout_every > 0 and batch[0] % holdout_every == holdout_every - 1
+        (holdout if held else fit).add_batch(out, targets[batch[0]])
+        raise _Stop
+
+    handle = norm.register_forward_hook(grab)
+    try:
+        for index, (h, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
+            batch[0] = index
+            try:
+                layer(h, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return fit, holdout
+
+
+def replace_linear(
+    layer: nn.Module,
+    arch: Arch,
+    name: str,
+    inputs: LayerInputs,
+    targets: list[Tensor],
+    alphas: list[float],
+    rank: int,
+    where: tuple[Any, int],
+    holdout_every: int = 4,
+) -> dict[str, float]:
+    """Puzzle's linear replacement of sub-block ``name``: a ridge least-squares map (zero-centred ridge, α chosen
+    as for the consumers) from its pre-normed input on ``inputs`` to ``targets``, its dense outputs; ``rank`` > 0
+    keeps the best rank-r map. α → ∞ is the constant (the mean dense output). ``where`` = (model config, layer
+    index) records the replacement for the checkpoint. Returns {"alpha", "residual", ...}."""
+    fit, held = _accumulate_block(layer, arch, name, inputs, targets, holdout_every if len(alphas) > 1 else 0)
+    hidden = fit.inputs
+    prior = torch.zeros(hidden, hidden, dtype=torch.float64)
+    record: dict[str, float] = {}
+    if len(alphas) > 1:
+        alpha, record["holdout_residual"] = select_ridge(fit, held, prior, alphas)
+    else:
+        alpha = alphas[0]
+    both = fit.merged(held) if held.count else fit
+    weight, bias = ridge_refit(both, prior, alpha)
+    block = linear_sub_block(where[0], where[1], layer, arch.sub_block(name)[0], name, hidden, rank)
+    with torch.no_grad():
+        if rank:
+            up, down, bias = reduced_rank(both, weight, rank)
+            block.up.copy_(up)
+            block.down.copy_(down)
+            weight = up @ down
+        else:
+            block.weight.copy_(weight)
+        block.bias.copy_(bias)
+    record.update(alpha=alpha, residual=relative_residual(both, weight, bias), rank=rank)
+    return record
+
+
 def _install(layer: nn.Module, path: str, weight: Tensor, bias: Tensor) -> None:
     old = linear_at(layer, path)
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=True).to(device=old.weight.device, dtype=old.weight.dtype)
@@ -112,10 +180,13 @@ def reconstruct_layer(
     alphas: list[float],
     means: tuple[Tensor | None, Tensor | None] = (None, None),
     holdout_every: int = 4,
+    linear: tuple[Any, int, int] | None = None,
 ) -> tuple[list[Tensor], list[Tensor], dict[str, dict[str, float]]]:
     """Prune one dense layer with the given keep-masks and refit its consumers (module docstring).
 
-    ``means`` (mean o_proj / down_proj inputs on the dense stream) give the constant of a removed sub-block.
+    ``means`` (mean o_proj / down_proj inputs on the dense stream) give the constant of a removed sub-block;
+    with ``linear`` = (model config, layer index, rank) a removed sub-block gets a least-squares linear map
+    instead (:func:`replace_linear`).
     With several ``alphas`` the ridge of each consumer is chosen on every ``holdout_every``-th calibration
     mini-batch (held out from the fit), then refitted on all of them.
     Returns (dense outputs, compressed outputs, {sub-block: {"alpha", "residual", ...}} of the refit consumers).
@@ -138,12 +209,20 @@ def reconstruct_layer(
         )
     mlp_module = layer.get_submodule(arch.sub_block("mlp")[0])
     if not bool(attn_keep.all()):
-        remove_kv_groups(layer, arch, layout, attn_keep, means[0])
+        if linear is not None and not bool(attn_keep.any()):
+            rank, where = linear[2], linear[:2]
+            errors["attn"] = replace_linear(layer, arch, "attn", compressed_in, y_o, alphas, rank, where, every)
+        else:
+            remove_kv_groups(layer, arch, layout, attn_keep, means[0])
         if bool(attn_keep.any()):
             fit, held = _accumulate(layer, linear_at(layer, arch.o), compressed_in, y_o, mlp_module, every)
             errors["attn"] = _refit(layer, arch.o, fit, held, alphas)
     if not bool(mlp_keep.all()):
-        remove_mlp_channels(layer, arch, mlp_keep, means[1])
+        if linear is not None and not bool(mlp_keep.any()):
+            rank, where = linear[2], linear[:2]
+            errors["mlp"] = replace_linear(layer, arch, "mlp", compressed_in, y_down, alphas, rank, where, every)
+        else:
+            remove_mlp_channels(layer, arch, mlp_keep, means[1])
         if bool(mlp_keep.any()):
             fit, held = _accumulate(layer, linear_at(layer, arch.down), compressed_in, y_down, None, every)
             errors["mlp"] = _refit(layer, arch.down, fit, held, alphas)
@@ -164,10 +243,12 @@ def reconstruct_model(
     batch_size: int = 8,
     device: str | None = None,
     progress: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
+    linear_rank: int | None = None,
 ) -> list[dict[str, dict[str, float]]]:
     """Prune the dense ``model`` in place with least-squares reconstruction; one record per layer.
 
-    ``alpha``: the ridge, or a grid to choose it from per consumer on held-out calibration mini-batches."""
+    ``alpha``: the ridge, or a grid to choose it from per consumer on held-out calibration mini-batches.
+    ``linear_rank``: None = removed sub-blocks become constants; 0 = full-rank linear replacements; r = rank r."""
     config = model_config(model)
     alphas = [alpha] if isinstance(alpha, int | float) else list(alpha)
     records: list[dict[str, dict[str, float]]] = []
@@ -179,7 +260,16 @@ def reconstruct_model(
         means = (st["o"].mean, st["down"].mean) if st is not None else (None, None)
         layout = attention_layout(config, layer, arch)
         dense_out, compressed_out, errors = reconstruct_layer(
-            layer, arch, layout, attn_keep[index], mlp_keep[index], dense_in, compressed_in, alphas, means
+            layer,
+            arch,
+            layout,
+            attn_keep[index],
+            mlp_keep[index],
+            dense_in,
+            compressed_in,
+            alphas,
+            means,
+            linear=None if linear_rank is None else (config, index, linear_rank),
         )
         records.append(errors)
         if progress is not None:

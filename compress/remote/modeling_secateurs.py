@@ -7,12 +7,15 @@ each) and its own MLP width, and may carry new o_proj / down_proj biases (FLAP b
 in ``config.secateurs_layers``; the weights then load under the base model's tensor names. Head counts need no
 config change: attention infers them from the projection shapes and the query-heads-per-KV-head ratio is kept.
 Sub-blocks listed in ``config.secateurs_skipped`` (TraceNAS depth pruning) are replaced by :class:`SkippedSubBlock`
-(a constant output: the block's mean calibration output, or zero) and their pre-norm by the identity.
+(a constant output: the block's mean calibration output, or zero) and their pre-norm by the identity, or, when
+``config.secateurs_linear`` lists them, by :class:`LinearSubBlock` (Puzzle's linear replacement; pre-norm kept).
 
 Self-contained on purpose (imports only torch and transformers): it must work without Secateurs installed.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import transformers
@@ -53,6 +56,48 @@ class SkippedSubBlock(nn.Module):
         assert hidden_states is not None
         out = self.bias.to(hidden_states.dtype).expand_as(hidden_states)
         return (out, None) if self.attention else out
+
+
+class LinearSubBlock(SkippedSubBlock):
+    """Puzzle's *linear replacement* of an attention or MLP sub-block: the residual branch adds a linear map of
+    the sub-block's (pre-normed) input, ``W x + bias`` — one ``weight`` [hidden, hidden], or at ``rank`` r < hidden
+    the factors ``up`` [hidden, r] · ``down`` [r, hidden]. The pre-norm is kept. A skipped sub-block for the
+    library (it has no KV cache and none of the sub-block's linears); its map is listed per layer in
+    ``config.secateurs_linear`` ({sub-block name: rank, 0 = full}), which :func:`linear_sub_block` maintains.
+    """
+
+    def __init__(self, hidden_size: int, attention: bool, rank: int = 0) -> None:
+        super().__init__(hidden_size, attention)
+        self.rank = rank
+        if rank:
+            self.up = nn.Parameter(torch.zeros(hidden_size, rank))
+            self.down = nn.Parameter(torch.zeros(rank, hidden_size))
+        else:
+            self.weight = nn.Parameter(torch.zeros(hidden_size, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: object, **kwargs: object):
+        assert hidden_states is not None
+        if self.rank:
+            out = nn.functional.linear(nn.functional.linear(hidden_states, self.down), self.up, self.bias)
+        else:
+            out = nn.functional.linear(hidden_states, self.weight, self.bias)
+        return (out, None) if self.attention else out
+
+
+def linear_sub_block(
+    model_config: Any, layer_index: int, layer: nn.Module, block_path: str, name: str, hidden_size: int, rank: int
+) -> LinearSubBlock:
+    """Replace ``layer.<block_path>`` (sub-block ``name``) by a zero :class:`LinearSubBlock` (the pre-norm stays)
+    and record it in ``model_config.secateurs_linear`` (so a saved checkpoint rebuilds it); returns the module."""
+    block = layer.get_submodule(block_path)
+    param = next(block.parameters())
+    new = LinearSubBlock(hidden_size, name == "attn", rank).to(device=param.device, dtype=param.dtype)
+    _set_submodule(layer, block_path, new)
+    n_layers = int(model_config.num_hidden_layers)
+    table = getattr(model_config, "secateurs_linear", None) or [{} for _ in range(n_layers)]
+    table[layer_index] = {**table[layer_index], name: rank}
+    model_config.secateurs_linear = table
+    return new
 
 
 def skip_sub_block(layer: nn.Module, block_path: str, norm_path: str, hidden_size: int, attention: bool) -> None:
@@ -100,13 +145,18 @@ class SecateursMixin:
             )
         super().__init__(config, *args, **kwargs)
         skipped = getattr(config, "secateurs_skipped", None)
+        linear = getattr(config, "secateurs_linear", None) or [{}] * len(skipped or [])
         if skipped:
             layers = self.get_submodule(config.secateurs_layers_path)
             sub_blocks = config.secateurs_sub_blocks  # {"attn": [block path, norm path], "mlp": [...]}
             for index, names in enumerate(skipped):
                 for name in names:
                     block_path, norm_path = sub_blocks[name]
-                    skip_sub_block(layers[index], block_path, norm_path, config.hidden_size, name == "attn")
+                    if name in linear[index]:  # linear replacement: the pre-norm stays
+                        block = LinearSubBlock(config.hidden_size, name == "attn", int(linear[index][name]))
+                        _set_submodule(layers[index], block_path, block)
+                    else:
+                        skip_sub_block(layers[index], block_path, norm_path, config.hidden_size, name == "attn")
         resize_layers(self, config.secateurs_layers, config.secateurs_layers_path)
 
     @classmethod
