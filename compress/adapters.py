@@ -39,19 +39,64 @@ class Arch:
     gate: str = "mlp.gate_proj"
     up: str = "mlp.up_proj"
     down: str = "mlp.down_proj"
-    attn_norm: str = "input_layernorm"
-    mlp_norm: str = "post_attention_layernorm"
-    # Per-head modules applied after the q/k projections (Qwen3 q/k RMSNorm over head_dim): shared by all heads,
-    # so head pruning leaves them untouched. Listed so that readers know they were considered.
+    attn_norm: str = "input_layernorm"  # the attention's pre-norm
+    mlp_norm: str = "post_attention_layernorm"  # the MLP's pre-norm (Gemma: pre_feedforward_layernorm)
+    # Norms on a sub-block's output before the residual add (Gemma's sandwich norms). FLAP's compensation acts on
+    # o_proj / down_proj, i.e. before them; a removed sub-block's constant passes through them (they stay).
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    # RMSNorm scale is (norm_offset + weight): 0 for Llama-style norms, 1 for Gemma's x/rms(x)·(1 + w). Whatever
+    # folds a scale into a norm (AWQ) rescales (offset + w), not w.
+    norm_offset: float = 0.0
+    # Per-head modules applied after the q/k projections (Qwen3 and Gemma 3 q/k RMSNorm over head_dim): shared by
+    # all heads, so head pruning leaves them untouched. Listed so that readers know they were considered.
     per_head_dim_modules: tuple[str, ...] = ()
+    # Fused projections (Phi-3). ``qkv``: one linear whose output rows are [q (H·d) | k (G·d) | v (G·d)]; then
+    # q/k/v name its row blocks, not modules. ``gate_up``: rows [gate (F) | up (F)]. Pruning slices the row blocks
+    # together; quantization treats the fused linear as one linear.
+    qkv: str | None = None
+    gate_up: str | None = None
+    # Conventions that live inside the modeling code and need no handling here, recorded for readers (GGUF export,
+    # which re-implements the forward, refuses these architectures by name): embeddings scaled by sqrt(hidden),
+    # tanh soft-capping of attention scores / final logits, per-layer sliding-window attention (the calibration
+    # engine gives every layer its own mask and rotary table).
+    embed_scale: bool = False
+    softcap: bool = False
+    sliding_window_layers: bool = False
 
     @property
-    def attn_linears(self) -> tuple[str, str, str, str]:
-        return (self.q, self.k, self.v, self.o)
+    def attn_linears(self) -> tuple[str, ...]:
+        return (self.qkv, self.o) if self.qkv else (self.q, self.k, self.v, self.o)
 
     @property
-    def mlp_linears(self) -> tuple[str, str, str]:
-        return (self.gate, self.up, self.down)
+    def mlp_linears(self) -> tuple[str, ...]:
+        return (self.gate_up, self.down) if self.gate_up else (self.gate, self.up, self.down)
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.qkv or self.gate_up)
+
+    @property
+    def input_groups(self) -> list[tuple[str, ...]]:
+        """Linears that read the same input tensor: attention inputs, o_proj, MLP inputs, down_proj."""
+        return [self.attn_linears[:-1], (self.o,), self.mlp_linears[:-1], (self.down,)]
+
+    @property
+    def score_linears(self) -> tuple[str, ...]:
+        """Linears whose outputs form the attention scores (q and k; the fused qkv as a whole)."""
+        return (self.qkv,) if self.qkv else (self.q, self.k)
+
+    @property
+    def scale_producers(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(producer, consumers): where input-channel scales fold (AWQ). The pre-norms; v_proj into o_proj and
+        up_proj into down_proj where they are separate modules (a fused producer is left out)."""
+        pairs = [(self.attn_norm, self.attn_linears[:-1])]
+        if not self.qkv:
+            pairs.append((self.v, (self.o,)))
+        pairs.append((self.mlp_norm, self.mlp_linears[:-1]))
+        if not self.gate_up:
+            pairs.append((self.up, (self.down,)))
+        return pairs
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -92,7 +137,27 @@ ARCHS: dict[str, Arch] = {
     "MistralForCausalLM": Arch("mistral"),
     "Qwen2ForCausalLM": Arch("qwen2"),  # q/k/v carry biases: surgery slices them with their rows
     "Qwen3ForCausalLM": Arch("qwen3", per_head_dim_modules=("self_attn.q_norm", "self_attn.k_norm")),
-}
+    # Gemma 2: sandwich norms (pre + post around each sub-block), RMSNorm (1 + w), embeddings × sqrt(hidden),
+    # soft-capped attention scores and logits, alternating sliding-window / global layers, head_dim ≠ hidden / H
+    "Gemma2ForCausalLM": Arch(
+        "gemma2", mlp_norm="pre_feedforward_layernorm", attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm", norm_offset=1.0, embed_scale=True, softcap=True,
+        sliding_window_layers=True,
+    ),
+    # Gemma 3 (text-only Gemma3ForCausalLM): Gemma 2's conventions without soft-capping, plus q/k RMSNorm over
+    # head_dim and local (sliding, own rope base) / global layers
+    "Gemma3ForCausalLM": Arch(
+        "gemma3", mlp_norm="pre_feedforward_layernorm", attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm", norm_offset=1.0, embed_scale=True, sliding_window_layers=True,
+        per_head_dim_modules=("self_attn.q_norm", "self_attn.k_norm"),
+    ),
+    # Phi-3 / Phi-3.5 / Phi-4-mini: fused qkv_proj [q | k | v] and gate_up_proj [gate | up]
+    "Phi3ForCausalLM": Arch(
+        "phi3", q="self_attn.qkv_proj[q]", k="self_attn.qkv_proj[k]", v="self_attn.qkv_proj[v]",
+        gate="mlp.gate_up_proj[gate]", up="mlp.gate_up_proj[up]", qkv="self_attn.qkv_proj",
+        gate_up="mlp.gate_up_proj",
+    ),
+}  # fmt: skip
 
 
 def arch_for(config: object) -> Arch:
@@ -104,6 +169,15 @@ def arch_for(config: object) -> Arch:
             f"expected one of {sorted(ARCHS)} (config.architectures[0])"
         )
     return ARCHS[names[0]]
+
+
+def require_separate_projections(arch: Arch, what: str) -> None:
+    """One-line error for the steps that build q/k/v and gate/up as separate modules (NAS, Puzzle)."""
+    if arch.fused:
+        raise InputError(
+            f"{what} does not support {arch.name}'s fused projections ({arch.qkv}, {arch.gate_up}); "
+            "use prune (flap / wanda-sp / magnitude-sp) and quantize"
+        )
 
 
 def decoder_layers(model: nn.Module, arch: Arch) -> nn.ModuleList:
@@ -135,7 +209,12 @@ def attention_layout(config: object, layer: nn.Module, arch: Arch) -> AttentionL
     """
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)  # type: ignore[attr-defined]
     group = int(config.num_attention_heads // config.num_key_value_heads)  # type: ignore[attr-defined]
-    n_kv = 0 if is_skipped(layer, arch, "attn") else linear_shape(layer, arch.k)[0] // head_dim
+    if is_skipped(layer, arch, "attn"):
+        n_kv = 0
+    elif arch.qkv:  # rows [q | k | v] = (g + 2) · n_kv · head_dim
+        n_kv = linear_shape(layer, arch.qkv)[0] // ((group + 2) * head_dim)
+    else:
+        n_kv = linear_shape(layer, arch.k)[0] // head_dim
     return AttentionLayout(n_kv=n_kv, group=group, head_dim=head_dim)
 
 

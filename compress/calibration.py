@@ -106,36 +106,73 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerInputs:
-    """Cached inputs of one decoder layer, in mini-batches: hidden states [b, L, hidden] + the layer kwargs."""
+    """Cached inputs of one decoder layer, in mini-batches: hidden states [b, L, hidden] + the layer kwargs.
+
+    ``layer_kwargs`` (per decoder layer, per mini-batch) is set when layers receive different kwargs: sliding-window
+    and global layers get different masks (Gemma 2/3, Qwen with ``layer_types``), Gemma 3's local and global layers
+    different rotary tables. :meth:`for_layer` gives layer i its own; None: every layer takes ``kwargs``.
+    """
 
     hidden: list[Tensor]
     kwargs: list[dict[str, Any]]
+    layer_kwargs: list[list[dict[str, Any]]] | None = None
+
+    def for_layer(self, index: int) -> LayerInputs:
+        """The same hidden states with decoder layer ``index``'s own kwargs."""
+        if self.layer_kwargs is None:
+            return self
+        return LayerInputs(self.hidden, self.layer_kwargs[index], self.layer_kwargs)
+
+    def passed_on(self, outputs: list[Tensor]) -> LayerInputs:
+        """``outputs`` as the next layer's hidden states, keeping the kwargs."""
+        return LayerInputs(outputs, self.kwargs, self.layer_kwargs)
+
+
+class _KwargsRecorder(nn.Module):
+    """Stands in for decoder layer ``index`` during :func:`capture_layer0_inputs`: records what the model passes
+    it and hands the hidden states on unchanged (no layer runs; the last one stops the forward)."""
+
+    def __init__(self, index: int, sink: list[list[dict[str, Any]]], hidden: list[Tensor], last: bool) -> None:
+        super().__init__()
+        self.index, self.sink, self.hidden, self.last = index, sink, hidden, last
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self.index == 0:
+            self.hidden.append(hidden)
+        self.sink[self.index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+def _same_kwargs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
 
 
 @torch.no_grad()
 def capture_layer0_inputs(model: nn.Module, arch: Arch, input_ids: Tensor, batch_size: int) -> LayerInputs:
-    """Run the model up to decoder layer 0 and record what it receives (hidden states, masks, rotary cos/sin)."""
+    """Run the model up to decoder layer 0 and record what it receives (hidden states, masks, rotary cos/sin), and
+    what every other layer receives (its mask and rotary table: they differ between sliding-window and global
+    layers). The layers themselves do not run: each is replaced by a recorder for the duration of the capture."""
     layers = decoder_layers(model, arch)
-    first = layers[0]
-    captured = LayerInputs([], [])
-
-    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden)
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(first.parameters()).device
+    originals = list(layers)
+    hidden: list[Tensor] = []
+    sink: list[list[dict[str, Any]]] = [[] for _ in originals]
+    device = next(originals[0].parameters()).device
     try:
+        for index in range(len(originals)):
+            layers[index] = _KwargsRecorder(index, sink, hidden, last=index == len(originals) - 1)
         for chunk in input_ids.split(batch_size):
             try:
                 model(input_ids=chunk.to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return captured
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+    uniform = all(_same_kwargs(a, b) for per_layer in sink[1:] for a, b in zip(sink[0], per_layer, strict=True))
+    return LayerInputs(hidden, sink[0], None if uniform else sink)
 
 
 @contextmanager
@@ -191,13 +228,13 @@ def calibrate_layerwise(
         home = next(layer.parameters()).device
         target = torch.device(device) if device is not None else home
         layer.to(target)
-        inputs = _to_device(inputs, target)
+        inputs = _to_device(inputs.for_layer(index), target)
         with _watch_inputs(watch(index, layer), stats_factory) as stats:
             outputs = _run_layer(layer, inputs)
         if after_layer is not None and after_layer(index, layer, stats):
             outputs = _run_layer(layer, inputs)
         all_stats.append(stats)
-        inputs = LayerInputs(outputs, inputs.kwargs)
+        inputs = inputs.passed_on(outputs)
         layer.to(home)
     return all_stats
 
@@ -211,7 +248,9 @@ def _to_device(inputs: LayerInputs, device: torch.device) -> LayerInputs:
         return value
 
     return LayerInputs(
-        [h.to(device) for h in inputs.hidden], [{k: move(v) for k, v in kw.items()} for kw in inputs.kwargs]
+        [h.to(device) for h in inputs.hidden],
+        [{k: move(v) for k, v in kw.items()} for kw in inputs.kwargs],
+        inputs.layer_kwargs,
     )
 
 
@@ -256,9 +295,8 @@ def calibrate_paired(
         target = torch.device(device) if device is not None else homes[1]
         for m in pair:
             m.to(target)
-        dense, compressed = _to_device(dense, target), _to_device(compressed, target)
+        dense, compressed = _to_device(dense.for_layer(index), target), _to_device(compressed.for_layer(index), target)
         dense_out, compressed_out = visit(index, pair[0], pair[1], dense, compressed)
-        dense = LayerInputs(dense_out, dense.kwargs)
-        compressed = LayerInputs(compressed_out, compressed.kwargs)
+        dense, compressed = dense.passed_on(dense_out), compressed.passed_on(compressed_out)
         for m, home in zip(pair, homes, strict=True):
             m.to(home)

@@ -101,6 +101,8 @@ def _patch_config(
     config["secateurs_layers_path"] = arch.layers
     config["secateurs_skipped"] = skipped
     config["secateurs_sub_blocks"] = arch.sub_blocks
+    if arch.qkv:  # the loader gives each fused-qkv attention its head counts (compress.adapters.Arch.qkv)
+        config["secateurs_fused_qkv"] = [arch.attn, arch.qkv, arch.o]
     stock = stock_config(config, arch, shapes, skipped)
     if stock.config is None:
         config["auto_map"] = {"AutoModelForCausalLM": "modeling_secateurs.SecateursForCausalLM"}

@@ -55,6 +55,10 @@ def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str]
 def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunResult:
     """Run a recipe end to end and return the compressed model, its checkpoint folder and the report."""
     cfg = as_recipe(recipe, overrides)
+    from compress.generic import run_unadapted, unadapted_architecture  # lazy: it builds on compress.api
+
+    if name := unadapted_architecture(cfg.model):  # no adapter: quantize-only through the generic path
+        return run_unadapted(cfg, name)
     out_dir = Path(cfg.output.dir)
     prepare_output(out_dir, cfg.output.overwrite)
     check_inputs(cfg)

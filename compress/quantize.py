@@ -42,26 +42,29 @@ def target_paths(cfg: QuantizeConfig, arch: Arch, layer: nn.Module) -> list[str]
 
 def shared_inputs(arch: Arch) -> list[tuple[str, ...]]:
     """Linears that read the same input tensor (the first one is watched for all of them)."""
-    return [(arch.q, arch.k, arch.v), (arch.o,), (arch.gate, arch.up), (arch.down,)]
+    return arch.input_groups
 
 
 def awq_pairs(arch: Arch) -> list[tuple[str, tuple[str, ...]]]:
     """(producer, consumers): where AWQ's input-channel scales fold (producer output channel j ÷ s_j)."""
-    return [(arch.attn_norm, (arch.q, arch.k, arch.v)), (arch.v, (arch.o,)),
-            (arch.mlp_norm, (arch.gate, arch.up)), (arch.up, (arch.down,))]  # fmt: skip
+    return arch.scale_producers
 
 
 def _representative(arch: Arch, path: str) -> str:
     return next(group[0] for group in shared_inputs(arch) if path in group)
 
 
-def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: Tensor) -> None:
-    """producer output channel j ÷ s_j, consumer input column j × s_j: the float function is unchanged."""
+def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: Tensor, norm_offset: float = 0.0) -> None:
+    """producer output channel j ÷ s_j, consumer input column j × s_j: the float function is unchanged. A norm
+    whose scale is (offset + w) (Gemma: 1 + w) gets w' = (offset + w) / s − offset."""
     with torch.no_grad():
         weight = producer.weight
         assert isinstance(weight, Tensor)
-        view = s if weight.dim() == 1 else s.unsqueeze(1)
-        weight.div_(view.to(weight.dtype))
+        if weight.dim() == 1 and norm_offset:
+            weight.copy_((weight.double() + norm_offset) / s.double() - norm_offset)
+        else:
+            view = s if weight.dim() == 1 else s.unsqueeze(1)
+            weight.div_(view.to(weight.dtype))
         bias = getattr(producer, "bias", None)
         if isinstance(bias, Tensor):
             bias.div_(s.to(bias.dtype))
@@ -92,10 +95,10 @@ def _apply_awq(layer: nn.Module, index: int, arch: Arch, cfg: QuantizeConfig, st
         settings = [module_settings(cfg, f"{arch.layers}.{index}.{p}") for p in chosen]
         weights = [linear_at(layer, p).weight.detach() for p in chosen]
         s, _alpha = search_scales(stat.sample, weights, [_fake_quant(d, g, cfg) for d, g in settings], cfg.awq_grid)
-        fold_scales(producer, [linear_at(layer, p) for p in used], s)
+        fold_scales(producer, [linear_at(layer, p) for p in used], s, arch.norm_offset)
         scales[rep] = s
     if cfg.awq_clip:
-        for path in sorted(targets - {arch.q, arch.k}):  # AWQ does not clip q/k (they feed the attention scores)
+        for path in sorted(targets - set(arch.score_linears)):  # AWQ does not clip q/k (attention scores)
             rep = _representative(arch, path)
             stat = stats[rep]
             assert isinstance(stat, HessianStats)

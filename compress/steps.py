@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from compress.adapters import Arch
+from compress.adapters import Arch, require_separate_projections
 from compress.candidates import DenseCache
 from compress.corpus import calibration_batches
 from compress.nas.evolve import EvolutionConfig, evolve
@@ -48,6 +48,7 @@ def prune_step(step: PruneStep, ctx: StepContext) -> dict[str, Any]:
     cfg = step.prune
     if cfg.structure == "puzzle":
         assert cfg.puzzle is not None
+        require_separate_projections(ctx.arch, "prune.structure: puzzle")
         record = run_puzzle(ctx.model, ctx.arch, cfg.ratio, cfg.puzzle, ctx.calibration, ctx.batch_size)
     else:
         record = prune_model(ctx.model, ctx.arch, cfg, ctx.calibration, ctx.batch_size, ctx.device)
@@ -74,6 +75,7 @@ def nas_step(step: NasStep, ctx: StepContext) -> dict[str, Any]:
     FLAP statistics come from the run's calibration tokens; Φ's gradient traces from a separate draw of
     ``proxy_samples`` × ``proxy_seq_len`` tokens of the calibration data (seed + 1)."""
     cfg = step.nas
+    require_separate_projections(ctx.arch, "the nas step")
     if ctx.calibration is None:
         raise ValueError("the nas step needs calibration data")
     clock = time.perf_counter()

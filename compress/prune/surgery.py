@@ -1,7 +1,8 @@
 """Module surgery: physically remove KV groups and MLP channels, with FLAP bias compensation.
 
 The result is a smaller dense model: q/k/v lose whole heads (rows), o_proj the matching columns; gate/up lose
-rows and down_proj the matching columns. Removed inputs of o_proj / down_proj can be replaced by their mean
+rows and down_proj the matching columns. Fused projections (Phi-3's qkv_proj, gate_up_proj) lose the same rows
+from each of their row blocks. Removed inputs of o_proj / down_proj can be replaced by their mean
 contribution (FLAP eq. 9): b ← b + W[:, P] · x̄[P].
 """
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.adapters import Arch, AttentionLayout, linear_at, linear_shape, present_linears, set_submodule
-from compress.remote.modeling_secateurs import SkippedSubBlock, skip_sub_block
+from compress.remote.modeling_secateurs import SkippedSubBlock, set_head_counts, skip_sub_block
 
 
 def compensation_bias(weight: Tensor, mean: Tensor, keep: Tensor, bias: Tensor | None) -> Tensor:
@@ -66,9 +67,15 @@ def remove_kv_groups(
     kv_rows = head_channels(keep, 1, layout.head_dim)
     o = linear_at(layer, arch.o)
     bias = compensation_bias(o.weight, mean, q_rows, o.bias) if mean is not None else None
-    set_submodule(layer, arch.q, _sliced_linear(linear_at(layer, arch.q), q_rows, None, None))
-    set_submodule(layer, arch.k, _sliced_linear(linear_at(layer, arch.k), kv_rows, None, None))
-    set_submodule(layer, arch.v, _sliced_linear(linear_at(layer, arch.v), kv_rows, None, None))
+    if arch.qkv:  # fused rows [q | k | v]: the same heads from each block
+        rows = torch.cat([q_rows, kv_rows, kv_rows])
+        set_submodule(layer, arch.qkv, _sliced_linear(linear_at(layer, arch.qkv), rows, None, None))
+        kept = int(keep.sum())
+        set_head_counts(layer.get_submodule(arch.attn), kept * layout.group, kept)
+    else:
+        set_submodule(layer, arch.q, _sliced_linear(linear_at(layer, arch.q), q_rows, None, None))
+        set_submodule(layer, arch.k, _sliced_linear(linear_at(layer, arch.k), kv_rows, None, None))
+        set_submodule(layer, arch.v, _sliced_linear(linear_at(layer, arch.v), kv_rows, None, None))
     set_submodule(layer, arch.o, _sliced_linear(o, None, q_rows, bias))
 
 
@@ -82,8 +89,12 @@ def remove_mlp_channels(layer: nn.Module, arch: Arch, keep: Tensor, mean: Tensor
         return
     down = linear_at(layer, arch.down)
     bias = compensation_bias(down.weight, mean, keep, down.bias) if mean is not None else None
-    set_submodule(layer, arch.gate, _sliced_linear(linear_at(layer, arch.gate), keep, None, None))
-    set_submodule(layer, arch.up, _sliced_linear(linear_at(layer, arch.up), keep, None, None))
+    if arch.gate_up:  # fused rows [gate | up]: the same channels from both halves
+        rows = torch.cat([keep, keep])
+        set_submodule(layer, arch.gate_up, _sliced_linear(linear_at(layer, arch.gate_up), rows, None, None))
+    else:
+        set_submodule(layer, arch.gate, _sliced_linear(linear_at(layer, arch.gate), keep, None, None))
+        set_submodule(layer, arch.up, _sliced_linear(linear_at(layer, arch.up), keep, None, None))
     set_submodule(layer, arch.down, _sliced_linear(down, None, keep, bias))
 
 

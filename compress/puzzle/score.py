@@ -61,11 +61,12 @@ def dense_cache(model: nn.Module, arch: Arch, ids: Tensor, batch_size: int = 4) 
     layers = decoder_layers(model, arch)
     inputs = capture_layer0_inputs(model, arch, ids, batch_size)
     all_inputs, all_outputs = [], []
-    for layer in layers:
+    for index, layer in enumerate(layers):
+        inputs = inputs.for_layer(index)
         outputs = _run_layer(layer, inputs)
         all_inputs.append(inputs)
         all_outputs.append(outputs)
-        inputs = LayerInputs(outputs, inputs.kwargs)
+        inputs = inputs.passed_on(outputs)
     return DenseCache(all_inputs, all_outputs, _head(model, arch, inputs.hidden), ids)
 
 
@@ -76,8 +77,8 @@ def tail_log_probs(model: nn.Module, arch: Arch, cache: DenseCache, index: int, 
     layers = decoder_layers(model, arch)
     inputs = cache.inputs[index]
     hidden = _run_layer(layer, inputs)
-    for later in layers[index + 1 :]:
-        hidden = _run_layer(later, LayerInputs(hidden, inputs.kwargs))
+    for later_index in range(index + 1, len(layers)):
+        hidden = _run_layer(layers[later_index], inputs.passed_on(hidden).for_layer(later_index))
     return _head(model, arch, hidden)
 
 

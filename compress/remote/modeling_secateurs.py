@@ -15,6 +15,7 @@ Self-contained on purpose (imports only torch and transformers): it must work wi
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -31,7 +32,10 @@ except ImportError:  # pruned-only checkpoints load with transformers alone
 BASE_ARCHITECTURE = "LlamaForCausalLM"  # rewritten by the Secateurs checkpoint writer
 # the architectures of Secateurs' adapter table (compress.adapters.ARCHS; a test keeps the two equal): a name read
 # from config.json is looked up here, never as an arbitrary attribute of transformers
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM", "Phi3ForCausalLM",
+)  # fmt: skip
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -111,6 +115,29 @@ def skip_sub_block(layer: nn.Module, block_path: str, norm_path: str, hidden_siz
     _set_submodule(layer, norm_path, nn.Identity())
 
 
+def set_head_counts(attention: Any, n_heads: int, n_kv: int) -> None:
+    """Per-layer head counts for an attention module that splits a fused qkv output by its config's counts
+    (Phi-3 reads ``config.num_attention_heads`` and ``num_key_value_heads``): a private config copy per layer."""
+    config = copy.copy(attention.config)
+    config.num_attention_heads, config.num_key_value_heads = n_heads, n_kv
+    attention.config = config
+    attention.num_key_value_heads = n_kv
+
+
+def fused_head_counts(model: nn.Module, layers_path: str, fused: list[str]) -> None:
+    """Give each attention with a fused qkv its head counts from the (resized) shapes: ``fused`` = [attention
+    path, qkv path, o path]; n_q = o.in / head_dim, n_kv = (qkv.out − o.in) / (2 · head_dim)."""
+    attn_path, qkv_path, o_path = fused
+    for layer in model.get_submodule(layers_path):  # type: ignore[attr-defined]
+        attention = layer.get_submodule(attn_path)
+        if isinstance(attention, SkippedSubBlock):
+            continue
+        head_dim = attention.head_dim
+        q_width = layer.get_submodule(o_path).in_features
+        n_kv = (layer.get_submodule(qkv_path).out_features - q_width) // (2 * head_dim)
+        set_head_counts(attention, q_width // head_dim, n_kv)
+
+
 def resize_layers(model: nn.Module, layer_shapes: list[dict[str, list[int]]], layers_path: str) -> None:
     """Give each listed linear of layer i the shape ``[out_features, in_features, has_bias]`` recorded for it."""
     layers = model.get_submodule(layers_path)
@@ -158,6 +185,9 @@ class SecateursMixin:
                     else:
                         skip_sub_block(layers[index], block_path, norm_path, config.hidden_size, name == "attn")
         resize_layers(self, config.secateurs_layers, config.secateurs_layers_path)
+        fused = getattr(config, "secateurs_fused_qkv", None)
+        if fused:
+            fused_head_counts(self, config.secateurs_layers_path, fused)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
