@@ -68,6 +68,31 @@ def quantize_column(
     return codes, (values - (zeros.float() if zeros is not None else 0.0)) * s
 
 
+class _GroupRounder:
+    """:func:`quantize_column` with one group's parameters gathered once (the GPTQ loop calls it per column).
+
+    Same arithmetic: x = w/s in float32; symmetric codes count the thresholds below x, where "x ≥ m" for a
+    negative midpoint m is "x > m⁻" with m⁻ the next float32 below m; ŵ = (table[t, code] − z)·s."""
+
+    def __init__(self, type_ids: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 tables: torch.Tensor, mids: torch.Tensor) -> None:  # fmt: skip
+        self.s = scales.float()
+        self.z = None if zeros is None else zeros.float()
+        self.rows = tables[type_ids.long()]  # [out, K]
+        m = mids[type_ids.long()]  # [out, K − 1]
+        self.m = torch.where(m < 0, torch.nextafter(m, torch.tensor(-float("inf"))), m)
+        self.qmax = float(tables.shape[1] - 1)
+
+    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = w.float() / self.s
+        if self.z is not None:
+            q = torch.clamp(torch.sign(x) * torch.ceil(x.abs() - 0.5), -self.z, self.qmax - self.z)
+            codes = (q + self.z).to(torch.uint8)
+            return codes, (self.rows.gather(1, codes.long().unsqueeze(1)).squeeze(1) - self.z) * self.s
+        codes = (x.unsqueeze(-1) > self.m).sum(-1).to(torch.uint8)
+        return codes, self.rows.gather(1, codes.long().unsqueeze(1)).squeeze(1) * self.s
+
+
 def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     """U = upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹ (float64)."""
     H = H + damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
@@ -127,15 +152,18 @@ def gptq_quantize(
     type_ids = torch.zeros(out_features, n_groups, dtype=torch.uint8)
     scales = torch.zeros(out_features, n_groups, dtype=torch.float16)
     zeros = torch.zeros(out_features, n_groups, dtype=torch.float16) if dtset.asymmetric else None
-    chosen = [False] * n_groups
+    chosen: list[_GroupRounder | None] = [None] * n_groups
+    order, diag = perm.tolist(), torch.diagonal(U).tolist()
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
+        block_codes = torch.zeros(out_features, i2 - i1, dtype=torch.uint8)
         for i in range(i2 - i1):
             p = i1 + i
-            g = int(perm[p]) // G
-            if not chosen[g]:
+            g = order[p] // G
+            rounder = chosen[g]
+            if rounder is None:
                 pos = inv[g * G : min((g + 1) * G, n)]
                 current = W[:, pos] - Err1[:, :i] @ U[i1:p][:, pos]  # the group's error-updated weights
                 c = loss_weight[pos]
@@ -144,14 +172,15 @@ def gptq_quantize(
                 type_ids[:, g], scales[:, g] = qw.type_ids[:, 0], qw.scales[:, 0]
                 if zeros is not None and qw.zeros is not None:
                     zeros[:, g] = qw.zeros[:, 0]
-                chosen[g] = True
+                z = None if zeros is None else zeros[:, g]
+                rounder = chosen[g] = _GroupRounder(type_ids[:, g], scales[:, g], z, tables, mids)
             w = W1[:, i]
-            z = None if zeros is None else zeros[:, g]
-            col_codes, q = quantize_column(w, type_ids[:, g], scales[:, g], z, tables, mids)
-            codes[:, int(perm[p])] = col_codes
-            err = (w - q.double()) / U[p, p]
-            W1[:, i:] -= err.unsqueeze(1) * U[p, p:i2].unsqueeze(0)
+            col_codes, q = rounder(w)
+            block_codes[:, i] = col_codes
+            err = (w - q.double()) / diag[p]
+            W1[:, i + 1 :] -= err.unsqueeze(1) * U[p, p + 1 : i2].unsqueeze(0)  # column i is not read again
             Err1[:, i] = err
+        codes[:, perm[i1:i2]] = block_codes
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return QuantizedWeight(
         codes=codes.to(device),

@@ -17,6 +17,7 @@ Asymmetric ranges include 0 (the GPTQ convention), so zero is exact and constant
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -105,18 +106,43 @@ def _fp16_scale(scale: torch.Tensor, pow2: bool = False) -> torch.Tensor:
 def _nearest_level(x: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
     """uint8 index of the nearest of the ascending ``levels``; ties → the level of smaller magnitude.
 
-    Consecutive-integer grids (INT) round arithmetically; other grids count the midpoints below x (one
-    comparison pass per midpoint, ~2.5× faster than ``torch.bucketize`` for 16 levels on CPU).
+    Consecutive-integer grids (INT) round arithmetically; grids whose midpoints are multiples of a step h = 2^-k
+    (BitMoD, FP) look the code up by j = ⌈x/h⌉ and whether x = j·h (:func:`_step_table`, exact: x/h is a power-of-
+    two scaling); other grids (NF4) count the midpoints below x, one comparison pass per midpoint.
     """
     if levels == tuple(float(v) for v in range(int(levels[0]), int(levels[-1]) + 1)):
         q = _round_half_toward_zero(x).clamp(levels[0], levels[-1])
         return (q - levels[0]).to(torch.uint8)
+    table = _step_table(levels)
+    if table is not None:
+        inv_step, first, last, flat = table
+        y = x * inv_step
+        j = torch.ceil(y).clamp_(first, last)
+        tie = (y == j).view(torch.uint8)
+        return flat.to(x.device)[(j - first).mul_(2).add_(tie).to(torch.int64)]
     idx = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     for lo, hi in zip(levels[:-1], levels[1:], strict=True):
         mid = (lo + hi) / 2
         # At a tie (x == mid) step up only for negative midpoints: that is the move towards zero.
         idx += ((x >= mid) if mid < 0 else (x > mid)).view(torch.uint8)  # bool → 0/1 without a cast
     return idx
+
+
+@functools.lru_cache(maxsize=64)
+def _step_table(levels: tuple[float, ...]) -> tuple[float, int, int, torch.Tensor] | None:
+    """(1/h, a_0, a_last + 1, table uint8 [2·(a_last + 2 − a_0)]) for midpoints m_k = a_k·h (a_k integers, h = 2^-k,
+    k ≤ 4); None if the midpoints are not on such a grid. table[2(j − a_0) + t] = #{k: a_k < j} + t·[j = a_k < 0]:
+    x ∈ ((j−1)h, jh) lies above exactly the midpoints a_k < j; x = jh (t = 1) also steps over a negative midpoint
+    at j (ties toward zero), as the comparison loop does."""
+    mids = [(lo + hi) / 2 for lo, hi in zip(levels[:-1], levels[1:], strict=True)]
+    for k in range(5):
+        steps = [m * 2**k for m in mids]
+        if all(v == int(v) for v in steps) and max(abs(v) for v in steps) <= 4096:
+            a = [int(v) for v in steps]
+            below = [sum(ak < j for ak in a) for j in range(a[0], a[-1] + 2)]
+            table = [[n, n + (j in a and j < 0)] for j, n in zip(range(a[0], a[-1] + 2), below, strict=True)]
+            return float(2**k), a[0], a[-1] + 1, torch.tensor(table, dtype=torch.uint8).view(-1)
+    return None
 
 
 def _round_half_toward_zero(x: torch.Tensor) -> torch.Tensor:
@@ -201,6 +227,20 @@ def choose_group_datatypes(
     scale_ceiling: float32 [out, n_groups], the 8-bit scale grid's ceiling per group (None: fp16 scales).
     Returns codes uint8 [out, in]; type_ids uint8, scales fp16, zeros fp16 (asymmetric sets): [out, n_groups].
     """
+    return _select(W, dtset, group_size, shrink_factors, channel_weights, scale_ceiling, keep_hat=False)[0]
+
+
+def _select(
+    W: torch.Tensor,
+    dtset: DatatypeSet | str,
+    group_size: int | None,
+    shrink_factors: Sequence[float],
+    channel_weights: torch.Tensor | None,
+    scale_ceiling: torch.Tensor | None,
+    keep_hat: bool,
+) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    """:func:`choose_group_datatypes`, plus (``keep_hat``) the chosen Ŵ float32 [out, in]: the candidates' ŵ are
+    (tables[t, code] − z)·s, the formula of :func:`cuda_ext.reference.dequantize_codes`, so no re-dequantization."""
     dtset = _resolve_set(dtset)
     _check_weight(W)
     _check_shrink(shrink_factors)
@@ -216,16 +256,17 @@ def choose_group_datatypes(
             f"scale_ceiling: expected [{out_features}, {n_groups}] and a set without power-of-two scales "
             f"({dtset.name}), got {tuple(scale_ceiling.shape)}"
         )
-    best: list[torch.Tensor] | None = None  # [err, codes, type_ids, scales, zeros]
+    best: list[torch.Tensor] | None = None  # [err, codes, type_ids, scales, zeros(, ŵ)]
     for type_id, dtype in enumerate(dtset.members):
         for shrink in shrink_factors:
             codes, scales, zeros, w_hat = _quantize_candidate(wg, dtype, float(shrink), scale_ceiling)
             err = ((wg - w_hat).square() * c).sum(-1)  # [out, n_groups]
             zeros = torch.zeros_like(scales) if zeros is None else zeros
-            cand = [err, codes, torch.full_like(codes[..., 0], type_id), scales, zeros]
+            cand = [err, codes, torch.full_like(codes[..., 0], type_id), scales, zeros, *([w_hat] if keep_hat else [])]
             best = cand if best is None else _keep_better(best, cand)
     assert best is not None
-    _, codes, type_ids, scales, zeros = best
+    codes, type_ids, scales, zeros = best[1:5]
+    hat = best[5].reshape(out_features, -1)[:, :in_features] if keep_hat else None
     return QuantizedWeight(
         codes=codes.reshape(out_features, -1)[:, :in_features].contiguous(),
         type_ids=type_ids,
@@ -235,7 +276,7 @@ def choose_group_datatypes(
         bits=dtset.bits,
         group_size=G,
         in_features=in_features,
-    )
+    ), hat
 
 
 def _keep_better(best: list[torch.Tensor], cand: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -255,8 +296,9 @@ def quantize_dequantize(
     channel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake quantisation: Ŵ [out, in] in W.dtype, exactly what the packed format dequantises to."""
-    qw = choose_group_datatypes(W, dtset, group_size, shrink_factors, channel_weights)
-    return qw.dequantize(torch.float32).to(W.dtype)
+    w_hat = _select(W, dtset, group_size, shrink_factors, channel_weights, None, keep_hat=True)[1]
+    assert w_hat is not None
+    return w_hat.to(W.dtype)
 
 
 def bits_per_weight(

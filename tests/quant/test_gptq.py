@@ -98,3 +98,25 @@ def test_bad_hessian_and_mixed_asymmetric_sets_are_rejected() -> None:
         gptq_quantize(torch.randn(4, 8), torch.eye(7), "bitmod4", 8)
     with pytest.raises(InputError, match="not positive definite"):
         gptq_quantize(torch.randn(4, 8), -torch.eye(8), "bitmod4", 8, damp=0.0)
+
+
+@pytest.mark.parametrize("name", ["bitmod4", "bitmod3", "int4_asym", "int3_sym", "nf4", "ant4"])
+def test_group_rounder_equals_quantize_column(name: str) -> None:
+    """The per-group precomputed rounding of the GPTQ loop is exactly :func:`quantize_column`, ties included."""
+    from quant.datatypes import get_datatype_set
+    from quant.gptq import _GroupRounder, _midpoints, quantize_column
+
+    torch.manual_seed(2)
+    dtset = get_datatype_set(name)
+    qw = choose_group_datatypes(torch.randn(64, 32), dtset, 32)
+    type_ids, scales, zeros = qw.type_ids[:, 0], qw.scales[:, 0], None if qw.zeros is None else qw.zeros[:, 0]
+    tables, mids = dtset.tables(), _midpoints(dtset)
+    rounder = _GroupRounder(type_ids, scales, zeros, tables, mids)
+    s = scales.double()
+    row_mids = mids[type_ids.long()].double()
+    finite = torch.where(torch.isinf(row_mids), torch.zeros_like(row_mids), row_mids)
+    columns = [torch.randn(64).double() * 3, finite[:, 0] * s, finite[:, -1] * s, finite[:, 3] * s, torch.zeros(64)]
+    for w in columns:
+        codes, q = rounder(w)
+        ref_codes, ref_q = quantize_column(w, type_ids, scales, zeros, tables, mids)
+        assert torch.equal(codes, ref_codes) and torch.equal(q, ref_q)

@@ -215,3 +215,39 @@ def test_bad_input_raises_input_error(kwargs: dict, match: str) -> None:
 def test_bits_per_weight_per_channel_needs_in_features() -> None:
     with pytest.raises(InputError, match="in_features"):
         bits_per_weight("bitmod4", None)
+
+
+# ---- the fast nearest-level lookup equals the comparison loop; fake quantisation equals dequantize ----------------
+
+
+def _nearest_by_comparison(x: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
+    """One comparison per midpoint; a tie steps up only past a negative midpoint (towards zero)."""
+    idx = torch.zeros(x.shape, dtype=torch.int64)
+    for lo, hi in zip(levels[:-1], levels[1:], strict=True):
+        mid = (lo + hi) / 2
+        idx += (x >= mid) if mid < 0 else (x > mid)
+    return idx
+
+
+@pytest.mark.parametrize("name", ["bitmod4", "bitmod3", "fp4", "fp3", "ant4", "nf4", "mxfp4"])
+def test_nearest_level_lookup_equals_comparisons_at_ties_and_beyond_the_grid(name: str) -> None:
+    from quant.select import _nearest_level
+
+    torch.manual_seed(0)
+    for dtype in get_datatype_set(name).members:
+        levels = dtype.distinct_values
+        mids = torch.tensor([(a + b) / 2 for a, b in zip(levels[:-1], levels[1:], strict=True)])
+        below = torch.nextafter(mids, torch.tensor(-math.inf))
+        above = torch.nextafter(mids, torch.tensor(math.inf))
+        x = torch.cat([torch.randn(4000) * levels[-1], mids, below, above, torch.tensor(levels),
+                       torch.tensor([0.0, -0.0, 1e9, -1e9, math.inf, -math.inf, 1e-30, -1e-30])])  # fmt: skip
+        assert torch.equal(_nearest_level(x, levels).long(), _nearest_by_comparison(x, levels)), dtype.name
+
+
+@pytest.mark.parametrize("name", ["bitmod4", "bitmod3", "int4_asym", "int3_sym", "nf4", "ant3"])
+def test_fake_quantisation_is_the_dequantized_choice(name: str) -> None:
+    torch.manual_seed(1)
+    W = torch.randn(24, 200) * torch.rand(200)
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = choose_group_datatypes(W.to(dtype), name, 64, (1.0, 0.9)).dequantize(torch.float32).to(dtype)
+        assert torch.equal(quantize_dequantize(W.to(dtype), name, 64, (1.0, 0.9)), expected)
