@@ -183,6 +183,11 @@ def bnb_nf4_row(path: Path | None, tokenizer: Any, prose: bool) -> dict[str, Any
     return row
 
 
+def _seconds(row: dict[str, Any]) -> str:
+    seconds = _cell(row.get("quantize_seconds"))
+    return seconds + (f" (load {row['load']})" if "load" in row else "")
+
+
 def _cell(value: Any) -> str:
     return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -191,7 +196,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
         "# Weight-only quantization: datatypes × error compensation (training-free)",
         "",
-        "Regenerate with `python scripts/quant_results.py --prose` (writes this file and `quantization.json`).",
+        "Regenerate with `python scripts/quant_results.py --prose --storage --resume` (writes this file and",
+        "`quantization.json`; `--fill-prose` re-measures rows that lack the prose column).",
         "",
         "All decoder linears quantized at group 128 (lm_head / embeddings kept fp32). Methods: RTN = round to",
         "nearest with the per-group datatype choice; AWQ = per-input-channel scale search (10 α values, 2048",
@@ -202,7 +208,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "stores for the packed linears (format version 2: bit planes, 2-bit type ids, fp16 or 8-bit scales,",
         "b-bit zero points) per weight; `file` = a real safetensors file of exactly those tensors (header",
         "included); `paper` = b + 8/128 as in BitMoD's accounting. `s` = wall seconds to quantize (a shared",
-        "2-core CPU: other jobs ran at the same time, so times are indicative only).",
+        "2-core CPU: other jobs ran at the same time, so times are indicative only; `load` = the 1-minute load",
+        "average when the row's quantization finished).",
         "",
     ]
     for result in results:
@@ -223,7 +230,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             ppl = _cell(row.get("ppl")) if row.get("ppl") is not None else f"n/a ({row.get('error', '')})"
             ppl += " †" if "ppl_from" in row else ""
             cells = [row["config"], _cell(row["bits_per_weight"]), _cell(row.get("file_bits_per_weight")),
-                     _cell(row["paper_bits"]), _cell(row.get("quantize_seconds")), ppl]  # fmt: skip
+                     _cell(row["paper_bits"]), _seconds(row), ppl]  # fmt: skip
             if prose:
                 cells.append(_cell(row.get("ppl_prose")))
             lines.append("| " + " | ".join(cells) + " |")
