@@ -39,6 +39,7 @@ from compress.prune.pruner import (
     module_units,
     needs_statistics,
     plan_masks,
+    prune_model,
 )
 from compress.quantize import module_settings, target_paths
 from compress.recipe import PruneConfig, QuantizeConfig
@@ -137,7 +138,10 @@ class DenseCache:
         model = copy.deepcopy(self.dense)
         stats = self._stats_for(cfg)
         attn, mlp = plan_masks(model, self.arch, cfg, stats)
-        apply_masks(model, self.arch, cfg, stats, attn, mlp)
+        if cfg.reconstruct == "least_squares":  # the per-candidate refit (ranks repaired candidates)
+            prune_model(model, self.arch, cfg, self.calibration, self.batch_size, self.device, self.stats)
+        else:
+            apply_masks(model, self.arch, cfg, stats, attn, mlp)
         return Realized(model, attn, mlp)
 
     def copy(self) -> nn.Module:
@@ -165,7 +169,7 @@ class DenseCache:
         return record
 
     def nas(self, mlp_step: int = 32, skip_from: int | None = None, allow_skip: bool = True,
-            compensation: bool = True) -> NasSearch:  # fmt: skip
+            compensation: bool = True, least_squares: bool = False) -> NasSearch:  # fmt: skip
         """The TraceNAS view of this cache: its candidate space and the proxy measurements."""
         config = model_config(self.dense)
         layers = decoder_layers(self.dense, self.arch)
@@ -181,7 +185,7 @@ class DenseCache:
             out_bias=linear_shape(first, self.arch.o)[2] or linear_shape(first, self.arch.down)[2],
             compensation=compensation,
         )  # fmt: skip
-        return NasSearch(self, spec)
+        return NasSearch(self, spec, least_squares)
 
 
 @dataclass
@@ -191,9 +195,14 @@ class NasSearch:
 
     cache: DenseCache
     spec: SpaceSpec
+    least_squares: bool = False  # candidates refitted by least squares (reconstruct: least_squares)
 
     def prune_config(self, cand: Candidate) -> PruneConfig:
         """The prune step that realises ``cand`` (integer widths: no fraction round trip)."""
+        if self.least_squares:
+            return PruneConfig(
+                method="flap", attn_groups=list(cand.attn), mlp_channels=list(cand.mlp), reconstruct="least_squares"
+            )
         return PruneConfig(
             method="flap",
             attn_groups=list(cand.attn),

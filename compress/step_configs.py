@@ -155,6 +155,12 @@ class NasConfig(Strict):
     allow_skip: bool = True
     skip_from: int | None = Field(None, ge=1, description="first layer whose sub-blocks may be removed (default: half)")
     bias_compensation: bool = True
+    least_squares: bool = Field(
+        False,
+        description="refit every candidate's o_proj/down_proj by ridge least squares (prune reconstruct: "
+        "least_squares) before its proxy score, so candidates are ranked repaired; the chosen model too. Costs one "
+        "paired calibration pass per candidate",
+    )
     seed_with_flap: bool = True
 
 

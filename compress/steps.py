@@ -86,7 +86,7 @@ def nas_step(step: NasStep, ctx: StepContext) -> dict[str, Any]:
         )
 
     cache = DenseCache(ctx.model, ctx.arch, ctx.calibration, ctx.batch_size, None, proxy_tokens)
-    engine = cache.nas(cfg.mlp_step, cfg.skip_from, cfg.allow_skip, cfg.bias_compensation)
+    engine = cache.nas(cfg.mlp_step, cfg.skip_from, cfg.allow_skip, cfg.bias_compensation, cfg.least_squares)
     evo = EvolutionConfig(
         ratio=cfg.params_ratio,
         tolerance=cfg.tolerance,
@@ -116,8 +116,11 @@ def nas_step(step: NasStep, ctx: StepContext) -> dict[str, Any]:
     result = evolve(engine.spec, score, evo, seeds, progress)
     best = result.best
     prune_cfg = engine.prune_config(best)
-    attn, mlp = plan_masks(ctx.model, ctx.arch, prune_cfg, cache.stats)
-    apply_masks(ctx.model, ctx.arch, prune_cfg, cache.stats, attn, mlp)
+    if prune_cfg.reconstruct == "least_squares":
+        prune_model(ctx.model, ctx.arch, prune_cfg, ctx.calibration, ctx.batch_size, None, cache.stats)
+    else:
+        attn, mlp = plan_masks(ctx.model, ctx.arch, prune_cfg, cache.stats)
+        apply_masks(ctx.model, ctx.arch, prune_cfg, cache.stats, attn, mlp)
     skipped = [[n for n, k in (("attn", a), ("mlp", c)) if k == 0] for a, c in zip(best.attn, best.mlp, strict=True)]
     removed = sum(len(s) for s in skipped)
     return {
@@ -126,7 +129,7 @@ def nas_step(step: NasStep, ctx: StepContext) -> dict[str, Any]:
         "intermediate_sizes": list(best.mlp),
         "skipped": skipped,
         "equivalent_prune_step": prune_cfg.model_dump(
-            mode="json", include={"method", "attn_groups", "mlp_channels", "bias_compensation"}
+            mode="json", include={"method", "attn_groups", "mlp_channels", "bias_compensation", "reconstruct"}
         ),
         "proxy": cfg.proxy,
         "best_score": result.best_score,

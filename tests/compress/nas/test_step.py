@@ -69,3 +69,38 @@ def test_nas_config_errors_name_the_field():
         parse_recipe({"steps": [{"nas": {"params_ratio": 1.5}}]})
     with pytest.raises(InputError, match="unknown key 'steps.0.nas.generation'"):
         parse_recipe({"steps": [{"nas": {"generation": 3}}]})
+
+
+def test_least_squares_candidates_are_the_prune_steps_refit(model_dir, tmp_path):
+    """``least_squares: true`` refits every candidate (the candidates engine runs the prune step's least squares)
+    and the chosen model; the equivalent prune step reproduces the checkpoint bit for bit."""
+    import copy
+
+    import torch
+
+    from compress.adapters import arch_for
+    from compress.candidates import DenseCache
+    from compress.prune.pruner import prune_model
+    from tests.conftest import build_tiny
+
+    dense = build_tiny("llama", num_hidden_layers=3)
+    arch = arch_for(dense.config)
+    ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    engine = DenseCache(dense, arch, ids, 4).nas(mlp_step=16, skip_from=2, least_squares=True)
+    cand = engine.uniform_candidate(0.6, 0.05)
+    cfg = engine.prune_config(cand)
+    assert cfg.reconstruct == "least_squares"
+    reference = copy.deepcopy(dense)
+    prune_model(reference, arch, cfg, ids, 4)
+    realized = engine.realize(cand).model
+    for (name, p), (_, q) in zip(realized.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    plain = DenseCache(dense, arch, ids, 4).nas(mlp_step=16, skip_from=2).realize(cand).model
+    assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), realized.parameters(), strict=True))
+
+    result = run(_recipe(model_dir, tmp_path / "a", generations=1, least_squares=True))
+    (step,) = result.report["steps"]
+    assert step["equivalent_prune_step"]["reconstruct"] == "least_squares"
+    again = run({**_recipe(model_dir, tmp_path / "b"), "steps": [{"prune": step["equivalent_prune_step"]}]})
+    a, b = (r.checkpoint / "model.safetensors" for r in (result, again))
+    assert a.read_bytes() == b.read_bytes()
