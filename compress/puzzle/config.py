@@ -28,6 +28,9 @@ class PuzzleConfig(BaseModel):
     seq_len: int = Field(128, ge=8, le=MAX_COUNT)
     mlp_steps: int = Field(16, ge=1, le=4096, description="MLP widths on the grid F·j/mlp_steps, j = 1..mlp_steps")
     allow_noop: bool = True
+    allow_linear: bool = Field(
+        False, description="also a linear replacement of every sub-block (a least-squares map hidden → hidden)"
+    )
     kv_cache_ratio: float | None = Field(None, gt=0.0, le=1.0, description="max fraction of the dense KV cache")
     latency_ratio: float | None = Field(
         None, gt=0.0, le=1.0, description="max fraction of the dense decoder's measured sub-block latency"

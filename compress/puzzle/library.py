@@ -6,6 +6,8 @@ Sub-blocks are grouped as [layer 0 attention, layer 0 MLP, layer 1 attention, ..
   residual branch becomes its constant mean output on calibration data). Never a no-op in layer 0 (the KV cache's
   length is read there).
 - MLP: widths on a grid of F/steps channels (top channels by WIFV, compensated down_proj bias); 0 = no-op.
+- linear replacement (option, both kinds, never layer 0's attention): a ridge least-squares map hidden → hidden
+  of the sub-block's pre-normed input, fitted on the parent's inputs to that layer (the scoring tokens).
 
 Costs are exact for the realised module: parameters (linears, biases, the pre-norm, the no-op's constant),
 KV-cache bytes per token (2·k·d_h values) and, when measured, latency of the sub-block's forward.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +34,12 @@ from compress.adapters import (
     linear_shape,
     model_config,
 )
-from compress.calibration import LayerStats
+from compress.calibration import LayerInputs, LayerStats, run_layer
 from compress.prune.allocate import ModuleUnits, top_units
 from compress.prune.surgery import remove_kv_groups, remove_mlp_channels
+from compress.recover.least_squares import RIDGE_GRID
+from compress.recover.reconstruct import replace_linear
+from compress.remote.modeling_secateurs import linear_sub_block
 
 KINDS = ("attn", "mlp")
 
@@ -40,14 +47,20 @@ KINDS = ("attn", "mlp")
 @dataclass(frozen=True)
 class Variant:
     """One variant of a sub-block: ``kind`` "attn" (``units`` = kept KV groups) or "mlp" (kept channels);
-    ``units`` = 0 is the no-op."""
+    ``units`` = 0 is the no-op, or with ``linear`` the linear replacement."""
 
     kind: str
     units: int
+    linear: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.kind}:{'noop' if self.units == 0 else self.units}"
+        return f"{self.kind}:{'linear' if self.linear else 'noop' if self.units == 0 else self.units}"
+
+    @classmethod
+    def parse(cls, label: str) -> Variant:
+        kind, units = label.split(":")
+        return cls(kind, 0 if units in ("noop", "linear") else int(units), units == "linear")
 
 
 @dataclass(frozen=True)
@@ -96,27 +109,38 @@ def block_shape(model: nn.Module, arch: Arch, compensation: bool = True) -> Bloc
     )
 
 
-def sub_block_variants(shape: BlockShape, layer: int, kind: str, mlp_steps: int, allow_noop: bool) -> list[Variant]:
+def sub_block_variants(
+    shape: BlockShape, layer: int, kind: str, mlp_steps: int, allow_noop: bool, allow_linear: bool = False
+) -> list[Variant]:
     """Variants of one sub-block, the parent first: attention k = G..1 (and 0), MLP F·j/steps for j = steps..1
-    (and 0). Layer 0's attention is never a no-op."""
+    (and 0), then the linear replacement. Layer 0's attention is never a no-op or linear."""
     if kind == "attn":
         units = list(range(shape.n_kv, 0, -1)) + ([0] if allow_noop and layer > 0 else [])
     else:
         grid = sorted({round(shape.intermediate * j / mlp_steps) for j in range(1, mlp_steps + 1)}, reverse=True)
         units = [u for u in grid if u > 0] + ([0] if allow_noop else [])
-    return [Variant(kind, u) for u in units]
+    linear = [Variant(kind, 0, True)] if allow_linear and (kind == "mlp" or layer > 0) else []
+    return [Variant(kind, u) for u in units] + linear
 
 
-def library(shape: BlockShape, n_layers: int, mlp_steps: int = 16, allow_noop: bool = True) -> list[list[Variant]]:
+def library(
+    shape: BlockShape, n_layers: int, mlp_steps: int = 16, allow_noop: bool = True, allow_linear: bool = False
+) -> list[list[Variant]]:
     """Variants per sub-block, groups ordered [L0 attn, L0 mlp, L1 attn, ...]."""
-    return [sub_block_variants(shape, i, kind, mlp_steps, allow_noop) for i in range(n_layers) for kind in KINDS]
+    return [
+        sub_block_variants(shape, i, kind, mlp_steps, allow_noop, allow_linear)
+        for i in range(n_layers)
+        for kind in KINDS
+    ]
 
 
 def variant_params(shape: BlockShape, v: Variant) -> int:
     """Exact parameters of the realised sub-block: its linears and biases, its pre-norm and (attention) per-head
     norms; a no-op has only its constant [hidden] (its pre-norm is removed). FLAP's compensation adds an output
-    bias whenever units are removed."""
+    bias whenever units are removed. A linear replacement: its [hidden, hidden] map, bias and the kept pre-norm."""
     h = shape.hidden
+    if v.linear:
+        return h * h + h + shape.norm
     if v.units == 0:
         return h
     if v.kind == "attn":
@@ -141,15 +165,47 @@ def realize_sub_block(
     stats: LayerStats | None,
     units: tuple[ModuleUnits, ModuleUnits],
     v: Variant,
+    inputs: LayerInputs | None = None,
+    where: tuple[Any, int] | None = None,
 ) -> None:
     """Turn one sub-block of a dense ``layer`` into variant ``v`` in place: top-k FLAP units, compensation with the
-    dense means of ``stats`` (the pruner's own surgery, so a realised choice equals what was scored)."""
-    if v.kind == "attn":
+    dense means of ``stats`` (the pruner's own surgery, so a realised choice equals what was scored). A linear
+    replacement is fitted on the layer's ``inputs`` (without them: zero, for timing) and recorded in the config of
+    ``where`` = (model config, layer index) when given."""
+    if v.linear:
+        fit_linear(layer, arch, v.kind, inputs, where)
+    elif v.kind == "attn":
         keep = top_units(units[0].scores, v.units)
         remove_kv_groups(layer, arch, layout, keep, stats["o"].mean if stats is not None else None)
     else:
         keep = top_units(units[1].scores, v.units)
         remove_mlp_channels(layer, arch, keep, stats["down"].mean if stats is not None else None)
+
+
+@torch.no_grad()
+def fit_linear(
+    layer: nn.Module, arch: Arch, kind: str, inputs: LayerInputs | None, where: tuple[Any, int] | None
+) -> None:
+    """Replace sub-block ``kind`` of the parent ``layer`` by its ridge least-squares linear map (the recovery
+    issue's :func:`compress.recover.reconstruct.replace_linear`, α chosen on held-out mini-batches): inputs and
+    targets are the layer's own on ``inputs`` (replace-one-block: the parent's stream)."""
+    block_path = arch.sub_block(kind)[0]
+    hidden = linear_at(layer, arch.o if kind == "attn" else arch.down).out_features
+    config = where[0] if where is not None else SimpleNamespace(num_hidden_layers=1)
+    index = where[1] if where is not None else 0
+    if inputs is None:
+        linear_sub_block(config, index, layer, block_path, kind, hidden, 0)
+        return
+    targets: list[Tensor] = []
+    block = layer.get_submodule(block_path)
+    handle = block.register_forward_hook(lambda _m, _a, out: targets.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        run_layer(layer, inputs)
+    finally:
+        handle.remove()
+    every = 4 if len(targets) >= 2 else 0
+    alphas = RIDGE_GRID if every else [RIDGE_GRID[2]]
+    replace_linear(layer, arch, kind, inputs, targets, alphas, 0, (config, index), min(every, len(targets)))
 
 
 @torch.no_grad()

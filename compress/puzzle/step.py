@@ -56,11 +56,7 @@ class ScoredLibrary:
     timing: dict[str, Any] = field(default_factory=dict)
 
     def parsed(self, g: int) -> list[Variant]:
-        out = []
-        for label in self.variants[g]:
-            kind, units = label.split(":")
-            out.append(Variant(kind, 0 if units == "noop" else int(units)))
-        return out
+        return [Variant.parse(label) for label in self.variants[g]]
 
     def dense_cost(self, name: str) -> float:
         return float(sum(row[0] for row in self.costs[name]))
@@ -76,6 +72,8 @@ def _library_key(model: nn.Module, stats: list[LayerStats], ids: Tensor, cfg: Pu
             digest.update(name.encode() + tensor_sha256(st.total).encode() + tensor_sha256(st.total_sq).encode())
     digest.update(tensor_sha256(ids).encode())
     settings = {"estimate": cfg.estimate, "mlp_steps": cfg.mlp_steps, "noop": cfg.allow_noop, **asdict(shape)}
+    if cfg.allow_linear:  # (absent otherwise: the keys of earlier libraries stay valid)
+        settings["linear"] = True
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:24]
 
@@ -88,13 +86,14 @@ def score_library(
     layers = decoder_layers(model, arch)
     config = model_config(model)
     units = module_units(model, arch, PruneConfig(method="flap"), stats)
-    groups = library(shape, len(layers), cfg.mlp_steps, cfg.allow_noop)
+    groups = library(shape, len(layers), cfg.mlp_steps, cfg.allow_noop, cfg.allow_linear)
     clock = time.perf_counter()
     cache = dense_cache(model, arch, ids, batch_size)
     dense_seconds = time.perf_counter() - clock
 
     def realize(layer: nn.Module, index: int, v: Variant) -> None:
-        realize_sub_block(layer, arch, attention_layout(config, layer, arch), stats[index], units[index], v)
+        inputs = cache.inputs[index] if v.linear else None  # a linear replacement is fitted on the parent's inputs
+        realize_sub_block(layer, arch, attention_layout(config, layer, arch), stats[index], units[index], v, inputs)
 
     scores: dict[str, list[list[float]]] = {"kl": [], "lm_loss": [], "local": []}
     exact: list[list[bool]] = []
@@ -194,17 +193,33 @@ def solve_budget(
 
 
 def apply_choice(
-    model: nn.Module, arch: Arch, stats: list[LayerStats], lib: ScoredLibrary, choice: list[int]
+    model: nn.Module,
+    arch: Arch,
+    stats: list[LayerStats],
+    lib: ScoredLibrary,
+    choice: list[int],
+    ids: Tensor | None = None,
+    batch_size: int = 4,
 ) -> dict[str, Any]:
-    """Replace every sub-block of the parent ``model`` by its chosen variant in place; per-layer summary."""
+    """Replace every sub-block of the parent ``model`` by its chosen variant in place; per-layer summary.
+
+    Linear replacements are fitted as they were scored: on the parent's inputs to their layer for the scoring
+    tokens ``ids`` (one dense pass, only when one is chosen), the MLP before its layer's attention changes."""
     config = model_config(model)
     units = module_units(model, arch, PruneConfig(method="flap"), stats)
     layers = decoder_layers(model, arch)
     chosen = [lib.parsed(g)[v] for g, v in enumerate(choice)]
-    for g, v in enumerate(chosen):
-        index = g // 2
+    inputs = None
+    if any(v.linear for v in chosen):
+        if ids is None:
+            raise ValueError("fitting linear replacements needs the scoring tokens")
+        inputs = dense_cache(model, arch, ids, batch_size).inputs
+    for g in [g for index in range(len(layers)) for g in (2 * index + 1, 2 * index)]:
+        index, v = g // 2, chosen[g]
         layer = layers[index]
-        realize_sub_block(layer, arch, attention_layout(config, layer, arch), stats[index], units[index], v)
+        layout = attention_layout(config, layer, arch)
+        fit_on = inputs[index] if inputs is not None and v.linear else None
+        realize_sub_block(layer, arch, layout, stats[index], units[index], v, fit_on, (config, index))
     attn, mlp = chosen[0::2], chosen[1::2]
     return {
         "kv_groups": [v.units for v in attn],
@@ -212,6 +227,7 @@ def apply_choice(
         "skipped": [
             [k for k, v in zip(KINDS, pair, strict=True) if v.units == 0] for pair in zip(attn, mlp, strict=True)
         ],
+        "linear": [[k for k, v in zip(KINDS, pair, strict=True) if v.linear] for pair in zip(attn, mlp, strict=True)],
     }
 
 
@@ -234,7 +250,7 @@ def run_puzzle(
     dense_params = count_parameters(model)
     budget = dense_params - ratio * prunable_parameters(model, arch) - lib.fixed_params
     sol = solve_budget(lib, cfg.score, budget, cfg.kv_cache_ratio, cfg.latency_ratio, cfg.time_limit)
-    record = apply_choice(model, arch, stats, lib, sol.choice)
+    record = apply_choice(model, arch, stats, lib, sol.choice, ids, min(batch_size, 4))
     realised = count_parameters(model)
     predicted = lib.fixed_params + int(sol.costs["params"])
     if realised != predicted:  # the solver's costs must be the realised model's
@@ -250,7 +266,9 @@ def run_puzzle(
             "score": cfg.score,
         },
         "library": {"cached": cached, **lib.timing},
-        "equivalent_prune_step": {
+        "equivalent_prune_step": None  # linear maps fitted on the parent's stream: no prune step reproduces them
+        if any(record["linear"])
+        else {
             "method": "flap",
             "attn_groups": record["kv_groups"],
             "mlp_channels": record["intermediate_sizes"],

@@ -33,13 +33,23 @@ def test_parameter_costs_are_those_of_the_realised_model(family):
     units = module_units(model, arch, PruneConfig(method="flap"), stats)
     shape = block_shape(model, arch)
     dense = count_parameters(model)
-    for vs in library(shape, 2, mlp_steps=4)[2:]:  # layer 1: attention no-op included
+    for vs in library(shape, 2, mlp_steps=4, allow_linear=True)[2:]:  # layer 1: attention no-op and linear
         for v in vs:
             pruned = copy.deepcopy(model)
             layer = decoder_layers(pruned, arch)[1]
             realize_sub_block(layer, arch, attention_layout(pruned.config, layer, arch), stats[1], units[1], v)
             delta = count_parameters(pruned) - dense
             assert delta == variant_params(shape, v) - variant_params(shape, vs[0]), v.label
+
+
+def test_linear_variants_and_their_labels():
+    model = build_tiny("llama", num_hidden_layers=2)
+    shape = block_shape(model, arch_for(model.config))
+    groups = library(shape, 2, mlp_steps=2, allow_linear=True)
+    assert [v.label for v in groups[0]] == ["attn:3", "attn:2", "attn:1"]  # layer 0's attention: never linear
+    assert [v.label for v in groups[2]][-1] == "attn:linear" and groups[1][-1] == Variant("mlp", 0, True)
+    assert all(Variant.parse(v.label) == v for vs in groups for v in vs)
+    assert variant_params(shape, Variant("mlp", 0, True)) == 48 * 48 + 48 + 48
 
 
 def test_kv_bytes():

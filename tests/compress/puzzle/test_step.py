@@ -104,3 +104,39 @@ def test_noop_and_mixed_widths_realised(parent, tmp_path):
     record = run_puzzle(pruned, arch, 0.85, cfg, _ids(), batch_size=4, dense_stats=stats)
     assert any(record["skipped"]), record  # at 85 % some sub-block must go
     assert record["skipped"][0] != ["attn"] and "attn" not in record["skipped"][0]
+
+
+def test_linear_replacements_are_chosen_costed_exactly_and_reload(parent, tmp_path):
+    """With ``allow_linear`` the library holds a least-squares linear map per sub-block; at a tight budget the MILP
+    picks some, the realised parameter count is the solver's (checked inside run_puzzle), and the checkpoint
+    (mixed widths, linear replacements, no-ops) reloads in a fresh process with equal logits."""
+    from compress.remote.modeling_secateurs import LinearSubBlock
+
+    model, arch, stats = parent
+    pruned = copy.deepcopy(model)
+    cfg = PuzzleConfig(mlp_steps=4, samples=4, seq_len=16, cache_dir=str(tmp_path), allow_linear=True)
+    record = run_puzzle(pruned, arch, 0.85, cfg, _ids(), batch_size=4, dense_stats=stats)
+    assert any(record["linear"]), record
+    assert record["equivalent_prune_step"] is None
+    layers = decoder_layers(pruned, arch)
+    for index, kinds in enumerate(record["linear"]):
+        for kind in kinds:
+            assert isinstance(layers[index].get_submodule(arch.sub_block(kind)[0]), LinearSubBlock)
+            assert pruned.config.secateurs_linear[index][kind] == 0
+    tokenizer = build_tiny_tokenizer(tmp_path / "tok")
+    out = write_checkpoint(pruned, tokenizer, arch, tmp_path / "ckpt", {"recipe": {}})
+    ids = _ids(2, 12)
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        expected = pruned(input_ids=ids).logits
+    code = (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32)\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad(): logits = m(input_ids=ids).logits\n"
+        f"torch.save(logits, {str(tmp_path / 'logits.pt')!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float((torch.load(tmp_path / "logits.pt", weights_only=True) - expected).abs().max()) <= 1e-5
