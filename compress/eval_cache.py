@@ -76,18 +76,24 @@ def _version(dist: str) -> str:
 def evaluation_key(
     model: nn.Module,
     tokenizer: Any,
-    ppl: PerplexityConfig | None,
+    ppl: PerplexityConfig | list[PerplexityConfig] | None,
     lm_eval: LmEvalConfig | None,
     seed: int,
     options: LmEvalOptions | None = None,
 ) -> dict[str, Any]:
     """What the dense results depend on (model, tokenizer, data, protocol, versions); hashed into the cache key."""
+    if isinstance(ppl, list):  # several texts (one text keeps the key it always had)
+        dumped: Any = [p.model_dump(mode="json") for p in ppl]
+        data_sha: Any = [corpus_fingerprint(p.data) for p in ppl]
+    else:
+        dumped = ppl.model_dump(mode="json") if ppl else None
+        data_sha = corpus_fingerprint(ppl.data) if ppl else None
     return {
         "format": FORMAT,
         "model_tensors_sha256": model_tensor_sha256(model),
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
-        "perplexity": ppl.model_dump(mode="json") if ppl else None,
-        "perplexity_data_sha256": corpus_fingerprint(ppl.data) if ppl else None,
+        "perplexity": dumped,
+        "perplexity_data_sha256": data_sha,
         "lm_eval": lm_eval.model_dump(mode="json") if lm_eval else None,
         "lm_eval_options": asdict(options) if options else None,
         "task_files_sha256": _task_files_sha256() if lm_eval else None,
@@ -103,7 +109,7 @@ def cache_enabled() -> bool:
 def cached_evaluation(
     model: nn.Module,
     tokenizer: Any,
-    ppl: PerplexityConfig | None,
+    ppl: PerplexityConfig | list[PerplexityConfig] | None,
     lm_eval: LmEvalConfig | None,
     seed: int,
     options: LmEvalOptions | None = None,

@@ -133,25 +133,37 @@ def _lm_eval_version() -> str:
 def evaluate_model(
     model: nn.Module,
     tokenizer: Any,
-    ppl: PerplexityConfig | None,
+    ppl: PerplexityConfig | list[PerplexityConfig] | None,
     lm_eval: LmEvalConfig | None,
     seed: int,
     options: LmEvalOptions | None = None,
 ) -> dict[str, Any]:
-    """{"metrics": {name: value}, "stderr": {name: se}, "protocol": {...}} for whatever evaluations are configured."""
+    """{"metrics": {name: value}, "stderr": {name: se}, "protocol": {...}} for whatever evaluations are configured.
+
+    Several perplexity texts: the first is ``heldout/perplexity``, the others ``heldout/perplexity@<data>``."""
     metrics: dict[str, float] = {}
     stderr: dict[str, float] = {}
     protocol: dict[str, Any] = {}
-    if ppl is not None:
-        result = perplexity(model, tokenizer, ppl)
-        metrics["heldout/perplexity"] = result["perplexity"]
-        protocol["perplexity"] = result["protocol"]
+    texts = ppl if isinstance(ppl, list) else [ppl] if ppl is not None else []
+    for index, text in enumerate(texts):
+        result = perplexity(model, tokenizer, text)
+        if index == 0:
+            metrics["heldout/perplexity"] = result["perplexity"]
+            protocol["perplexity"] = result["protocol"]
+        else:
+            metrics[perplexity_metric(text.data)] = result["perplexity"]
+            protocol.setdefault("more_perplexity", []).append(result["protocol"])
     if lm_eval is not None and lm_eval.tasks:
         result = lm_eval_tasks(model, tokenizer, lm_eval, seed, options)
         metrics.update(result["metrics"])
         stderr.update(result["stderr"])
         protocol["lm_eval"] = result["protocol"]
     return {"metrics": metrics, "stderr": stderr, "protocol": protocol}
+
+
+def perplexity_metric(data: str) -> str:
+    """Metric name of the perplexity on a further text ("/" of a file path written as "|": names split on "/")."""
+    return f"heldout/perplexity@{data.replace('/', '|')}"
 
 
 def within_one_stderr(dense: float, compressed: float, se_dense: float, se_compressed: float) -> bool:

@@ -61,7 +61,7 @@ def run_unadapted(cfg: Recipe, name: str) -> Any:
     ev = cfg.evaluation
     dense = None
     if ev is not None and ev.dense_baseline:
-        dense = cached_evaluation(model, tokenizer, ev.perplexity, ev.lm_eval, cfg.seed)
+        dense = cached_evaluation(model, tokenizer, ev.perplexity_texts(), ev.lm_eval, cfg.seed)
     for step in cfg.steps:
         assert isinstance(step, QuantizeStep)
         api.quantize(model, tokenizer, step.quantize, seed=cfg.seed)

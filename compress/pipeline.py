@@ -79,7 +79,7 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     if ev is not None and ev.dense_baseline:
         clock = time.perf_counter()
         log.info("evaluating the dense model")
-        dense_eval = cached_evaluation(model, tokenizer, ev.perplexity, ev.lm_eval, cfg.seed)
+        dense_eval = cached_evaluation(model, tokenizer, ev.perplexity_texts(), ev.lm_eval, cfg.seed)
         timings["evaluate_dense"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -133,7 +133,7 @@ def evaluate_against(
     model: nn.Module, tokenizer: Any, ev: EvaluationConfig, dense_eval: dict[str, Any] | None, seed: int
 ) -> dict[str, Any]:
     """Evaluate the compressed model and compare with the dense results (recovery per metric)."""
-    result = evaluate_model(model, tokenizer, ev.perplexity, ev.lm_eval, seed)
+    result = evaluate_model(model, tokenizer, ev.perplexity_texts(), ev.lm_eval, seed)
     dense_metrics = dense_eval["metrics"] if dense_eval else None
     dense_stderr = dense_eval.get("stderr") if dense_eval else None
     return {
@@ -178,7 +178,8 @@ def check_inputs(cfg: Recipe) -> None:
     if cfg.steps:
         load_documents(cfg.calibration.data)
     if cfg.evaluation is not None and cfg.evaluation.perplexity is not None:
-        load_documents(cfg.evaluation.perplexity.data)
+        for text in [cfg.evaluation.perplexity, *cfg.evaluation.more_perplexity]:
+            load_documents(text.data)
     resolve_source(cfg.model)
 
 

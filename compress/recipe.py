@@ -64,9 +64,34 @@ class LmEvalConfig(Strict):
 
 
 class EvaluationConfig(Strict):
+    # one text, or a list of texts: the first is reported as heldout/perplexity, every other one as
+    # heldout/perplexity@<data> (a list is stored as ``perplexity`` = its first item + ``more_perplexity``)
     perplexity: PerplexityConfig | None = Field(default_factory=PerplexityConfig)
+    more_perplexity: list[PerplexityConfig] = Field(default_factory=list)
     lm_eval: LmEvalConfig | None = Field(default_factory=LmEvalConfig)
     dense_baseline: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _perplexity_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("perplexity"), list):
+            texts = data["perplexity"]
+            if not texts:
+                raise ValueError("perplexity: give at least one text (or null for none)")
+            data = {**data, "perplexity": texts[0], "more_perplexity": [*texts[1:], *data.get("more_perplexity", [])]}
+        return data
+
+    @model_validator(mode="after")
+    def _more_needs_first(self) -> EvaluationConfig:
+        if self.more_perplexity and self.perplexity is None:
+            raise ValueError("more_perplexity needs perplexity (the first text)")
+        return self
+
+    def perplexity_texts(self) -> PerplexityConfig | list[PerplexityConfig] | None:
+        """What ``compress.evaluate.evaluate_model`` measures: the one text, or the list when there are several."""
+        if self.perplexity is None or not self.more_perplexity:
+            return self.perplexity
+        return [self.perplexity, *self.more_perplexity]
 
 
 class OutputConfig(Strict):

@@ -38,3 +38,34 @@ def test_rows_carry_stderr_and_the_verdict():
     assert by["mc/acc"]["within_stderr"] is True and by["mc/acc"]["dense_stderr"] == 0.02
     assert by["mc/f1"]["within_stderr"] is False
     assert "within_stderr" not in by["heldout/perplexity"] and by["heldout/perplexity"]["recovery"] == 0.8
+
+
+def test_several_perplexity_texts(tmp_path):
+    """``evaluation.perplexity`` takes a list: the first text is heldout/perplexity, the others
+    heldout/perplexity@<data>, each equal to that text measured alone; the single-text form is unchanged."""
+    import pytest
+
+    from compress.evaluate import evaluate_model, perplexity, perplexity_metric
+    from compress.recipe import EvaluationConfig, PerplexityConfig, parse_recipe
+    from quant.errors import InputError
+    from tests.conftest import build_tiny
+    from tests.tiny_tokenizer import build_tiny_tokenizer
+
+    texts = [{"data": "web:eval", "seq_len": 32, "max_windows": 2}, {"data": "prose:eval", "seq_len": 32}]
+    ev = parse_recipe({"evaluation": {"perplexity": texts, "lm_eval": None}}).evaluation
+    assert ev is not None and ev.perplexity is not None and ev.perplexity.data == "web:eval"
+    assert [t.data for t in ev.more_perplexity] == ["prose:eval"]
+    assert EvaluationConfig.model_validate(ev.model_dump()) == ev  # the stored form parses back
+    single = parse_recipe({"evaluation": {"perplexity": texts[0], "lm_eval": None}}).evaluation
+    assert single is not None and isinstance(single.perplexity_texts(), PerplexityConfig)
+    with pytest.raises(InputError, match="at least one text"):
+        parse_recipe({"evaluation": {"perplexity": []}})
+    model, tok = build_tiny("llama"), build_tiny_tokenizer(tmp_path)
+    configs = ev.perplexity_texts()
+    assert isinstance(configs, list)
+    configs[1] = configs[1].model_copy(update={"max_windows": 2})
+    result = evaluate_model(model, tok, configs, None, 0)
+    assert set(result["metrics"]) == {"heldout/perplexity", "heldout/perplexity@prose:eval"}
+    assert result["metrics"]["heldout/perplexity"] == perplexity(model, tok, configs[0])["perplexity"]
+    assert result["metrics"][perplexity_metric("prose:eval")] == perplexity(model, tok, configs[1])["perplexity"]
+    assert perplexity_metric("data/x.txt") == "heldout/perplexity@data|x.txt"

@@ -91,3 +91,13 @@ def test_recipe_errors():
     with pytest.raises(InputError, match="distill.train"):
         parse_recipe({"steps": [{"distill": {"train": "everything"}}]})
     assert parse_recipe({"steps": [{"prune": {"method": "wanda-sp"}}]}).steps[0].prune.reconstruct == "none"
+
+
+def test_report_shows_every_perplexity_text(model_dir, tmp_path):
+    recipe = _recipe(model_dir, tmp_path / "out")
+    recipe["steps"] = recipe["steps"][:1]
+    texts = [{"data": d, "seq_len": 32, "max_windows": 2} for d in ("web:eval", "prose:eval")]
+    recipe["evaluation"] = {"perplexity": texts, "lm_eval": None}
+    rows = {r["metric"]: r for r in run(recipe).report["evaluation"]["rows"]}
+    assert set(rows) == {"heldout/perplexity", "heldout/perplexity@prose:eval"}
+    assert all(abs(r["recovery"] - r["dense"] / r["compressed"]) < 1e-3 for r in rows.values())
