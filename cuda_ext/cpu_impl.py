@@ -134,7 +134,7 @@ def fused_max_batch() -> int:
     return GEMV_MAX_BATCH if available() else 0
 
 
-def direct_matmul(
+def direct_linear(
     x: torch.Tensor,
     planes: torch.Tensor,
     type_ids: torch.Tensor,
@@ -143,21 +143,17 @@ def direct_matmul(
     tables: torch.Tensor,
     in_features: int,
     group_size: int,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    """``quant_matmul``'s CPU kernels called directly, without the op dispatcher (~0.1 ms a call on a 2-core CPU,
-    as long as a small layer's GEMV): y [..., out] for fp32 x [..., in] — the fused GEMV for 1..GEMV_MAX_BATCH rows,
-    dequantise-then-matmul above — or None where they do not apply. Same kernels and results as the op; no
-    autograd, no torch.compile tracing (callers check both)."""
+    """``quant_matmul(x, …) + bias`` by the CPU kernels in one C++ call, without the op dispatcher (~0.1 ms a call
+    on a 2-core CPU, as long as a small layer's GEMV) or per-call Python checks: y [..., out] for fp32 CPU x
+    [..., in] — the fused GEMV for 1..GEMV_MAX_BATCH rows, dequantise-then-matmul above — or None where the kernels
+    do not take the input (the caller runs the op). Same kernels and results as the op; no autograd, no
+    torch.compile tracing (callers check both)."""
     ext = _state["module"]
-    rows = x.numel() // max(in_features, 1)
-    if ext is None or x.dtype != torch.float32 or rows < 1 or in_features < 1 or x.shape[-1] != in_features:
+    if ext is None or not _state["enabled"]:
         return None
-    if not _kernel_covers(planes, tables, group_size):
-        return None
-    if rows > GEMV_MAX_BATCH:
-        return ext.dequant_matmul(x, planes, type_ids, scales, zeros, tables, in_features, group_size)
-    y = ext.gemv(x.reshape(rows, in_features), planes, type_ids, scales, zeros, tables, in_features, group_size)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return ext.linear(x, planes, type_ids, scales, zeros, tables, in_features, group_size, bias, GEMV_MAX_BATCH)
 
 
 def extension() -> ModuleType | None:

@@ -63,6 +63,7 @@ class QuantLinear(nn.Module):
         # None buffers stay out of state_dict(): symmetric sets have no "zeros", bias-free layers no "bias"
         self.register_buffer("zeros", packed.zeros)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.cache_dequantized(False)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
@@ -119,12 +120,12 @@ class QuantLinear(nn.Module):
         ``quant_matmul`` runs the fused dequant-GEMV for at most ``fused_max_batch`` rows of x (CPU and CUDA
         kernels) and dequantise-then-matmul above; with :meth:`cache_dequantized` on, the latter reuses a cached Ŵ.
         """
+        direct = self._direct_linear(x)
+        if direct is not None:
+            return direct
         cached = self._cached_weight(x)
-        direct = None if cached is not None else self._direct_matmul(x)
         if cached is not None:
             y = x @ cached.T  # the op's own computation above the fused threshold, minus the dequantisation
-        elif direct is not None:
-            y = direct
         else:
             y = torch.ops.secateurs.quant_matmul(
                 x, self.planes, self.type_ids, self.scales, self.zeros, self.tables,
@@ -132,14 +133,18 @@ class QuantLinear(nn.Module):
             )  # fmt: skip
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def _direct_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The op's CPU kernels without the op dispatcher (its overhead is as long as a small layer's GEMV); None
-        where the op is needed (autograd, torch.compile) or the kernels do not apply."""
-        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+    def _direct_linear(self, x: torch.Tensor) -> torch.Tensor | None:
+        """y + bias by the op's CPU kernels in one C++ call, without the op dispatcher (its overhead is as long as a
+        small layer's GEMV); None where the op is needed (autograd, torch.compile, the dequantised-weight cache above
+        the fused batch) or the kernels do not apply."""
+        if not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return None
-        return cpu_impl.direct_matmul(
-            x, self.planes, self.type_ids, self.scales, self.zeros, self.tables, self.in_features, self.group_size
-        )
+        if getattr(self, "_weight_cache_on", False) and x.numel() > cpu_impl.GEMV_MAX_BATCH * self.in_features:
+            return None
+        return cpu_impl.direct_linear(
+            x, self.weight, self.type_ids, self.scales, self.zeros, self.tables, self.in_features, self.group_size,
+            self.bias,
+        )  # fmt: skip
 
     def cache_dequantized(self, enabled: bool = True) -> None:
         """Keep Ŵ in x.dtype between calls for inputs above the fused-GEMV batch (prefill): trades the memory of a

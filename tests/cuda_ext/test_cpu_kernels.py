@@ -30,7 +30,9 @@ if EXT is None:
     pytest.skip(reason, allow_module_level=True)
 
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, int, int]
-SHAPES = ((7, 37), (5, 256), (3, 300), (2, 1))  # (out, in): ragged last word / group, whole words, one weight
+# (out, in): ragged last word / group, whole words, one weight; 1100: two 512-code chunks of the AVX-512 GEMV and a
+# ragged third one (2 words + 12 codes)
+SHAPES = ((7, 37), (5, 256), (3, 300), (2, 1), (3, 1100))
 KERNELS = list(EXT.supported_isas())  # e.g. ["portable", "avx2", "avx512"]: every tier this CPU runs
 
 
@@ -51,6 +53,8 @@ def _packed(dtset: DatatypeSet, out: int, n_in: int, group_size: int, seed: int 
 def _group_sizes(dtset: DatatypeSet, n_in: int) -> list[int]:
     if dtset.group_size is not None:  # MX: the format fixes the block
         return [dtset.group_size]
+    if n_in > 512:  # the AVX-512 chunks: one group each quad, two quads per group, one group per row
+        return [128, 256, n_in]
     return sorted({32, 64, 128, 16, 24, n_in, n_in + 5})  # 16, 24: groups that split a 32-code word
 
 

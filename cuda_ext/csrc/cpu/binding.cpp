@@ -70,33 +70,39 @@ PackedView view_packed(const at::Tensor& planes, const at::Tensor& type_ids, con
 }
 
 int isa_for(const PackedView& p) {
-  return secateurs_cpu::avx2_covers(p) ? std::min(best_isa(), max_isa.load()) : kPortable;
+  if (!secateurs_cpu::avx2_covers(p)) return kPortable;
+  const int isa = std::min(best_isa(), max_isa.load());
+  return isa == kAvx512 && !secateurs_cpu::avx512_covers(p) ? kAvx2 : isa;
 }
 
-// x as the kernels read it: [batch, words * 32], zero past in_f (those codes multiply 0), and for the SIMD tiers
-// slot k of word w holds x[32 w + order(k)].
+// Codes per period of the kernels' x order (the padded row of x is a whole number of periods).
+int64_t x_period(int isa) { return isa == kAvx512 ? secateurs_cpu::kChunkCodes : 32; }
+
+// x as the kernels read it: [batch, whole periods of x_period(isa) codes], zero past in_f (those codes multiply 0),
+// and for the SIMD tiers slot k of a period holds x[period start + order(k)].
 at::Tensor gemv_input(const at::Tensor& x_in, const PackedView& p, int isa) {
   static const auto orders = [] {
-    std::array<std::array<int, 32>, 3> o{};
-    for (int k = 0; k < 32; ++k) {
-      o[kPortable][k] = k;
-      o[kAvx2][k] = secateurs_cpu::gemv_input_order(k);
-      o[kAvx512][k] = secateurs_cpu::gemv_input_order_avx512(k);
-    }
+    std::array<std::vector<int>, 3> o{};
+    for (int k = 0; k < 32; ++k) o[kPortable].push_back(k), o[kAvx2].push_back(secateurs_cpu::gemv_input_order(k));
+    for (int k = 0; k < secateurs_cpu::kChunkCodes; ++k) o[kAvx512].push_back(secateurs_cpu::gemv_input_order_avx512(k));
     return o;
   }();
   const at::Tensor x = x_in.contiguous();
-  const int64_t batch = x.size(0), stride = p.words * 32;
-  at::Tensor out = at::empty({batch, stride}, x.options());
+  const int64_t batch = x.size(0), period = x_period(isa), stride = (p.in_f + period - 1) / period * period;
+  at::Tensor out = at::empty({batch, std::max<int64_t>(stride, 1)}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  const auto& order = orders[isa];
+  const int* order = orders[isa].data();
   for (int64_t b = 0; b < batch; ++b)
-    for (int64_t w = 0; w < p.words; ++w)
-      for (int k = 0; k < 32; ++k) {
-        const int64_t i = w * 32 + order[k];
-        dst[b * stride + w * 32 + k] = i < p.in_f ? src[b * p.in_f + i] : 0.0f;
+    for (int64_t start = 0; start < stride; start += period) {
+      float* d = dst + b * stride + start;
+      const float* s = src + b * p.in_f + start;
+      if (start + period <= p.in_f) {
+        for (int64_t k = 0; k < period; ++k) d[k] = s[order[k]];
+      } else {
+        for (int64_t k = 0; k < period; ++k) d[k] = start + order[k] < p.in_f ? s[order[k]] : 0.0f;
       }
+    }
   return out;
 }
 
@@ -152,9 +158,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& planes, const at::Tensor&
   const PackedView p = view_packed(planes, type_ids, scales, zeros, tables, in_features, group_size);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == in_features,
               "x must be a float32 CPU tensor [B, ", in_features, "]");
-  const int64_t batch = x.size(0), stride = p.words * 32;
+  const int64_t batch = x.size(0);
   const int isa = isa_for(p);
   const at::Tensor padded = gemv_input(x, p, isa);
+  const int64_t stride = padded.size(1);
   at::Tensor y = at::empty({batch, p.out_f}, x.options());
   const GemvArgs a{padded.data_ptr<float>(), stride, batch, y.data_ptr<float>()};
   at::parallel_for(0, p.out_f, row_grain(p), [&](int64_t begin, int64_t end) {
@@ -165,6 +172,33 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& planes, const at::Tensor&
     else
       secateurs_cpu::gemv_rows_generic(p, a, begin, end);
   });
+  return y;
+}
+
+// QuantLinear.forward in one call (no Python between the checks and the kernel): y = x @ W^T (+ bias) for fp32 x
+// [..., in] -> [..., out], the fused GEMV for 1..max_fused rows of x, dequantise-then-matmul above. None where the
+// kernels do not take the packed tensors (the caller then runs the op, i.e. the reference).
+std::optional<at::Tensor> linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& type_ids,
+                                 const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                                 const at::Tensor& tables, int64_t in_features, int64_t group_size,
+                                 const std::optional<at::Tensor>& bias, int64_t max_fused) {
+  const bool covered = x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1 &&
+                       x.size(-1) == in_features && in_features >= 1 && planes.device().is_cpu() &&
+                       planes.scalar_type() == at::kInt && planes.dim() == 3 && tables.scalar_type() == at::kFloat &&
+                       group_size >= 1;
+  const int64_t bits = covered ? planes.size(0) : 0;
+  if (!covered || !(bits == 2 || bits == 3 || bits == 4 || bits == 8) || x.numel() == 0) return std::nullopt;
+  const int64_t rows = x.numel() / in_features;
+  at::Tensor y;
+  if (rows <= max_fused) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = planes.size(1);
+    y = gemv(x.reshape({rows, in_features}), planes, type_ids, scales, zeros, tables, in_features, group_size)
+            .view(shape);
+  } else {
+    y = dequant_matmul(x, planes, type_ids, scales, zeros, tables, in_features, group_size);
+  }
+  if (bias) y.add_(*bias);
   return y;
 }
 
@@ -179,6 +213,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "group_size"_a);
   m.def("dequant_matmul", &dequant_matmul, "x"_a, "planes"_a, "type_ids"_a, "scales"_a, "zeros"_a, "tables"_a,
         "in_features"_a, "group_size"_a);
+  m.def("linear", &linear, "x"_a, "planes"_a, "type_ids"_a, "scales"_a, "zeros"_a, "tables"_a, "in_features"_a,
+        "group_size"_a, "bias"_a, "max_fused"_a);
   m.def("release_scratch", [] { scratch = at::Tensor(); });
   m.def("supported_isas", [] {  // the kernel tiers this CPU runs, best last
     std::vector<std::string> names;

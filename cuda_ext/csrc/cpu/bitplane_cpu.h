@@ -14,6 +14,7 @@ namespace secateurs_cpu {
 
 constexpr int kWordBits = 32;
 constexpr int kMaxBatchTile = 4;  // activation rows per pass of the fused GEMV (register budget of AVX2)
+constexpr int kChunkCodes = 512;  // codes per step of the AVX-512 GEMV (16 words of each plane)
 
 struct PackedView {
   const uint32_t* planes;   // [bits, out, words]
@@ -25,10 +26,10 @@ struct PackedView {
   int64_t out_f, in_f, words, group_size, n_groups;
 };
 
-// x: fp32 [batch, words * 32] (zero-padded beyond in_f), y: fp32 [batch, out_f]; y[b, o] = sum_i x[b, i] w[o, i].
+// x: fp32 [batch, x_stride] (zero-padded beyond in_f to whole words, for AVX-512 to whole 512-code chunks), y: fp32 [batch, out_f]; y[b, o] = sum_i x[b, i] w[o, i].
 struct GemvArgs {
   const float* x;
-  int64_t x_stride;  // words * 32
+  int64_t x_stride;
   int64_t batch;
   float* y;
 };
@@ -52,8 +53,10 @@ int gemv_input_order(int k);
 void gemv_rows_avx2(const PackedView& p, const GemvArgs& a, int64_t row_begin, int64_t row_end);
 void dequantize_rows_f32_avx2(const PackedView& p, float* out, int64_t row_begin, int64_t row_end);
 
-// AVX-512 (F, BW) + GFNI GEMV (kernels_avx512.cpp): same coverage as the AVX2 one; its own x order per word.
+// AVX-512 (F, BW) + GFNI GEMV (kernels_avx512.cpp): bits in {2, 3, 4}, group sizes of 128k codes or one group per
+// row (avx512_covers). It reads x in 512-code chunks: slot k of chunk c holds x[512 c + gemv_input_order_avx512(k)].
 bool avx512_supported();
+bool avx512_covers(const PackedView& p);
 int gemv_input_order_avx512(int k);
 void gemv_rows_avx512(const PackedView& p, const GemvArgs& a, int64_t row_begin, int64_t row_end);
 
