@@ -156,9 +156,12 @@ def quantize_model(
         reps = {_representative(arch, path) for path in target_paths(cfg, arch, layer)}
         return {path: linear_at(layer, path) for path in sorted(reps)}
 
+    cached: list[QuantLinear] = []  # the layer just quantized: its Ŵ is dequantized once for the engine's pass
+
     def quantize_after(index: int, layer: nn.Module, stats: LayerStats) -> bool:
         _quantize_layer(layer, index, arch, cfg, stats, record)
         stats.clear()  # free the Hessians and samples (the engine keeps every layer's stats)
+        _cache_weights(cached, [m for m in layer.modules() if isinstance(m, QuantLinear)])
         return True
 
     def factory(channels: int) -> ChannelStats:
@@ -169,7 +172,18 @@ def quantize_model(
     calibrate_layerwise(
         model, arch, calibration_ids, watch, quantize_after, batch_size, device, "quantizing", stats_factory=factory
     )
+    _cache_weights(cached, [])
     return record
+
+
+def _cache_weights(cached: list[QuantLinear], layers: list[QuantLinear]) -> None:
+    """Drop the previous layer's cached Ŵ, cache ``layers``' (:meth:`QuantLinear.cache_dequantized`: the same
+    x @ Ŵᵀ the op computes for a calibration batch, without dequantizing Ŵ again for every mini-batch)."""
+    for module in cached:
+        module.cache_dequantized(False)
+    for module in layers:
+        module.cache_dequantized(True)
+    cached[:] = layers
 
 
 def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
