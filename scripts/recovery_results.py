@@ -37,6 +37,7 @@ from compress.recover.least_squares import RIDGE_GRID
 from compress.recover.reconstruct import reconstruct_model
 
 ROWS = ("none", "bias", "least squares", "least squares + BLD", "+ global KD")
+GRID_RATIOS, GRID_STRUCTURES = (0.2, 0.3, 0.5), ("AL-AM", "UL-MM")  # the grid the issue asks for
 EVALS = ("web:eval", "prose:eval")
 
 
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--from-log", help="only render: take the dense and row lines an interrupted run printed")
+    p.add_argument("--from-log", help="only render: add the rows an interrupted run printed to <out>/recovery.json")
     args = p.parse_args()
     if args.from_log:
         render_log(Path(args.from_log), args)
@@ -80,6 +81,11 @@ def main() -> None:
     dense, tok = loaded.model, loaded.tokenizer
     arch = arch_for(dense.config)
     record: dict[str, Any] = json.loads(path.read_text()) if args.resume and path.is_file() else {}
+    record.pop("incomplete", None)
+    blocks: dict[str, Any] = record.setdefault("block_settings", {})
+    for r in record.get("rows", []):  # rows of an earlier run keep that run's settings
+        blocks.setdefault(_block(r["ratio"], r["structure"]), record.get("settings", {}))
+    record["rows"] = [r for r in record.get("rows", []) if _complete(record, r["ratio"], r["structure"])]
     record.update({"settings": vars(args), "threads": torch.get_num_threads(), "cpu": platform.processor()})
     record["machine_note"] = f"{os.cpu_count()} CPUs shared with other jobs during the run (timings are inflated)"
     rows: list[dict[str, Any]] = record.setdefault("rows", [])
@@ -101,11 +107,25 @@ def main() -> None:
     ctx = Context(args, dense, tok, arch, ids, stats, stats_seconds, train_ids, ppl)
     for ratio in args.ratios:
         for structure in args.structures:
-            if any(r["ratio"] == ratio and r["structure"] == structure for r in rows):
+            if _complete(record, ratio, structure):
                 continue
+            blocks[_block(ratio, structure)] = vars(args)
             rows.extend(run_block(ctx, ratio, structure))
             _write(out, record)
     print((out / "recovery.md").read_text())
+
+
+def _block(ratio: float, structure: str) -> str:
+    return f"{ratio:g} {structure}"
+
+
+def _in_block(row: dict[str, Any], ratio: float, structure: str) -> bool:
+    return bool(row["ratio"] == ratio and row["structure"] == structure)
+
+
+def _complete(record: dict[str, Any], ratio: float, structure: str) -> bool:
+    done = {r["recovery"] for r in record.get("rows", []) if r["ratio"] == ratio and r["structure"] == structure}
+    return done == set(ROWS)
 
 
 @dataclass
@@ -165,18 +185,25 @@ def run_block(ctx: Context, ratio: float, structure: str) -> list[dict[str, Any]
 
 
 def render_log(log: Path, args: argparse.Namespace) -> None:
-    """Rebuild recovery.{json,md} from the lines a run printed (``dense {...}`` and one ``{...}`` per row), with
-    the settings given on this command line (they must be the run's)."""
+    """Add the rows an interrupted run printed (``dense {...}`` and one ``{...}`` per row) to
+    ``<out>/recovery.json`` (rows already there are kept; new blocks get this command line's settings, which must
+    be the run's), then render. Blocks left partial are shown as measured and listed as incomplete."""
     import ast
 
-    record: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "from_log"}, "rows": []}
-    record["threads"] = torch.get_num_threads()
+    path = Path(args.out) / "recovery.json"
+    record: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    record.setdefault("threads", torch.get_num_threads())
+    blocks = record.setdefault("block_settings", {})
+    settings = {k: v for k, v in vars(args).items() if k != "from_log"}
+    have = {(r["ratio"], r["structure"], r["recovery"]) for r in record["rows"]}
     for line in log.read_text().replace("\r", "\n").splitlines():
-        if line.startswith("dense {"):
+        if line.startswith("dense {") and "dense" not in record:
             record["dense"] = ast.literal_eval(line[len("dense ") :])
         elif line.startswith("{'ratio'"):
-            record["rows"].append(ast.literal_eval(line))
-    record["incomplete"] = "rendered from the log of a run stopped at the deadline"
+            row = ast.literal_eval(line)
+            if (row["ratio"], row["structure"], row["recovery"]) not in have:
+                record["rows"].append(row)
+                blocks.setdefault(_block(row["ratio"], row["structure"]), settings)
     _write(Path(args.out), record)
     print(render(record))
 
@@ -206,10 +233,9 @@ def render(record: dict[str, Any]) -> str:
         f"`{s.get('calibration')}`, {s.get('samples')} × {s.get('seq_len')} tokens (statistics and least squares);"
         f" BLD / KD training windows from `{s.get('train_data')}` (seed + 1, so not the calibration windows).",
         f"Least squares: ridge α from {s.get('alpha')} (per consumer, on held-out calibration batches)."
-        f" BLD: {s.get('bld_steps')} AdamW steps per layer, lr"
-        f" {s.get('bld_lr')}, train `{s.get('bld_train')}`, {s.get('bld_samples')} windows, {s.get('batch')} per"
-        f" step, dense inputs. Global KD: {s.get('kd_steps')} steps, lr {s.get('kd_lr')}, {s.get('batch')} windows"
-        " per step.",
+        f" BLD: AdamW on every weight of the layer (`{s.get('bld_train')}`), dense inputs; global KD: KL to the dense"
+        " model's next-token distribution, decoder layers only; their budgets (steps, windows of 128 tokens per step,"
+        " windows in all, learning rate) are in the `training` column, per block as that block was run.",
         "",
         f"Time: wall seconds of the whole recovery chain up to that row (shared dense statistics + pruning + refit"
         f" + training), fp32 on CPU, {record.get('threads')} threads. {record.get('machine_note', '')}.",
@@ -218,23 +244,40 @@ def render(record: dict[str, Any]) -> str:
         f"Dense: web:eval PPL {dense.get('web:eval')}, prose:eval PPL {dense.get('prose:eval')}.",
         "",
         "| ratio | structure | recovery | removed | web PPL | web recovery | prose PPL | prose recovery | time s "
-        "| tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens | training |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in record.get("rows", []):
+    rows = record.get("rows", [])
+    for r in rows:
         web, prose = r["ppl"]["web:eval"], r["ppl"]["prose:eval"]
         lines.append(
             f"| {r['ratio']:.0%} | {r['structure']} | {r['recovery']} | {r['prunable_removed']:.1%} | {web:.2f} | "
             f"{dense['web:eval'] / web:.3f} | {prose:.2f} | {dense['prose:eval'] / prose:.3f} | {r['seconds']:.0f} | "
-            f"{r['tokens']} |"
+            f"{r['tokens']} | {_training(record, r)} |"
         )
-    if record.get("incomplete"):
-        lines += [
-            "",
-            f"**Incomplete:** {record['incomplete']}; the (ratio, structure) rows missing above were not run.",
-        ]
+    missing = [
+        f"{ratio:.0%} {structure}" + (" (partial)" if any(_in_block(r, ratio, structure) for r in rows) else "")
+        for ratio in GRID_RATIOS
+        for structure in GRID_STRUCTURES
+        if not _complete(record, ratio, structure)
+    ]
+    if missing:
+        lines += ["", f"**Not measured** (the run did not reach them before the deadline): {', '.join(missing)}."]
     lines += ["", *goals(record)]
     return "\n".join(lines) + "\n"
+
+
+def _training(record: dict[str, Any], row: dict[str, Any]) -> str:
+    """The training budget of a BLD / KD row, from the settings of the run that measured its block."""
+    s = record.get("block_settings", {}).get(_block(row["ratio"], row["structure"]), record.get("settings", {}))
+    if row["recovery"] == "least squares + BLD":
+        return (
+            f"BLD {s.get('bld_steps')} steps/layer × {s.get('batch')} windows, {s.get('bld_samples')} windows, "
+            f"lr {s.get('bld_lr')}"
+        )
+    if row["recovery"] == "+ global KD":
+        return f"KD {s.get('kd_steps')} steps × {s.get('batch')} windows, lr {s.get('kd_lr')}"
+    return ""
 
 
 def goals(record: dict[str, Any]) -> list[str]:
