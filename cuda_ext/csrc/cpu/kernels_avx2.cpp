@@ -114,6 +114,24 @@ namespace {
 
 int64_t words_per_group(const PackedView& p) { return p.n_groups == 1 ? p.words : p.group_size / kWordBits; }
 
+// Software prefetch, as in the AVX-512 GEMV: each plane is one sequential stream over (row, word); the hardware
+// prefetchers start late on the short rows of small layers.
+constexpr int64_t kPrefetchWords = 512;  // 2 KiB ahead in each plane's stream
+constexpr int64_t kPrefetchRows = 16;  // ahead in the type id / scale / zero streams
+
+template <int BITS>
+SECATEURS_AVX2 inline void prefetch_planes(const uint32_t* word, int64_t plane_stride) {
+  for (int k = 0; k < BITS; ++k)
+    _mm_prefetch(reinterpret_cast<const char*>(word + k * plane_stride + kPrefetchWords), _MM_HINT_T0);
+}
+
+SECATEURS_AVX2 inline void prefetch_group_streams(const PackedView& p, int64_t row) {
+  const int64_t at = (row + kPrefetchRows) * p.n_groups;
+  _mm_prefetch(reinterpret_cast<const char*>(p.scales + at), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p.type_ids + at), _MM_HINT_T0);
+  if (p.zeros != nullptr) _mm_prefetch(reinterpret_cast<const char*>(p.zeros + at), _MM_HINT_T0);
+}
+
 // acc[b][(BASE + c) % CHAINS] += w[codes 8c..] * x for the 4 vectors c of one word (compile-time chain indices keep
 // acc in registers).
 template <int BITS, int NB, int CHAINS, int BASE>
@@ -141,12 +159,14 @@ SECATEURS_AVX2 void gemv_row(const PackedView& p, const float* x, int64_t x_stri
     for (int k = 0; k < CHAINS; ++k) acc[b][k] = _mm256_setzero_ps();
   const int64_t plane_stride = p.out_f * p.words, wpg = words_per_group(p);
   const uint32_t* planes = p.planes + row * p.words;
+  prefetch_group_streams(p, row);
   for (int64_t g = 0, w0 = 0; w0 < p.words; ++g, w0 += wpg) {
     __m256 lo, hi;
     load_group_table<BITS>(p, row, g, lo, hi);
     const int64_t w1 = std::min(w0 + wpg, p.words);
     int64_t w = w0;
     for (; w + 2 <= w1; w += 2) {
+      if (w % 16 < 2) prefetch_planes<BITS>(planes + w, plane_stride);  // one cache line per plane per 16 words
       accumulate_word<BITS, NB, CHAINS, 0>(acc, planes + w, plane_stride, lo, hi, x + w * kWordBits, x_stride);
       accumulate_word<BITS, NB, CHAINS, 4>(acc, planes + w + 1, plane_stride, lo, hi, x + (w + 1) * kWordBits,
                                            x_stride);
@@ -184,10 +204,12 @@ SECATEURS_AVX2 void dequantize_rows_bits(const PackedView& p, float* out, int64_
   for (int64_t o = row_begin; o < row_end; ++o) {
     const uint32_t* planes = p.planes + o * p.words;
     float* row = out + o * p.in_f;
+    prefetch_group_streams(p, o);
     for (int64_t g = 0, w0 = 0; w0 < p.words; ++g, w0 += wpg) {
       __m256 lo, hi;
       load_group_table<BITS>(p, o, g, lo, hi);
       for (int64_t w = w0, w1 = std::min(w0 + wpg, p.words); w < w1; ++w) {
+        if (w % 16 == 0) prefetch_planes<BITS>(planes + w, plane_stride);
         uint64_t nibbles[2];
         nibble_codes<BITS>(planes + w, plane_stride, nibbles);
         const int64_t n = std::min<int64_t>(kWordBits, p.in_f - w * kWordBits);
