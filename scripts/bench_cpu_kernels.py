@@ -13,7 +13,14 @@
    cache for the forward) vs packed with the torch reference op (decoding: ``--reference-tokens`` tokens only,
    per-token time compared). Without ``--packed`` the model is quantised in-process (bitmod4, group 128, every
    decoder-layer Linear; the lm_head stays dense as in the recipe).
-Writes bench_cpu_kernels.json / .md to ``--out``.
+Writes bench_cpu_kernels.json / .md to ``--out`` (with the load averages at the start and the end).
+
+On a machine shared with other jobs: with ``kernel.sched_autogroup_enabled = 1`` (most desktop and many server
+kernels) ``nice`` only ranks processes inside one session, so other sessions' ``nice -n 15`` jobs still take an
+equal share and a 2-thread OpenMP region waits for a descheduled thread. Run the benchmark in its own session with a
+raised autogroup priority (root) to restore the intended ranking, e.g.
+``setsid -w sh -c 'echo -15 > /proc/self/autogroup; exec python scripts/bench_cpu_kernels.py --threads 2'``, or use
+``--threads 1 --clock cpu``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -168,10 +176,14 @@ def bench_model(args: argparse.Namespace) -> dict:
     return result
 
 
-def write_report(out: Path, gemv: list[dict], model: dict | None, args: argparse.Namespace) -> None:
+def write_report(
+    out: Path, gemv: list[dict], model: dict | None, args: argparse.Namespace, load_start: tuple[float, ...]
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ext = cpu_impl.extension()
     meta = {
+        "loadavg_start": [round(v, 2) for v in load_start],  # 1/5/15-minute load averages (os.getloadavg)
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "threads": torch.get_num_threads(),
         "cpu_backend": ops.cpu_backend(),
         "kernel_isas": list(ext.supported_isas()) if ext is not None else [],
@@ -226,9 +238,10 @@ def main() -> None:
     clock = CLOCK[args.clock]
     if ops.cpu_backend() != "cpu-kernels":
         sys.exit("the CPU kernels are not available: run `python -m cuda_ext.build` first")
+    load_start = os.getloadavg()
     gemv = [] if args.skip_gemv else bench_gemv(args.repeats)
     model = None if args.skip_model else bench_model(args)
-    write_report(args.out, gemv, model, args)
+    write_report(args.out, gemv, model, args, load_start)
 
 
 if __name__ == "__main__":
