@@ -151,6 +151,16 @@ template <int BITS>
 SECATEURS_AVX512 void gemv_rows_bits(const PackedView& p, const GemvArgs& a, int64_t row_begin, int64_t row_end) {
   constexpr int64_t kTile = 8;  // 32 zmm registers hold 8 accumulators easily
   std::vector<float> row_scales(size_t(2 * ((p.n_groups + 15) / 16 * 16)));  // a row's scales, then zeros (fp32)
+  // the first rows' streams, which the in-loop prefetches (kPrefetchBytes / kPrefetchRows ahead) do not cover
+  const char* first_words = reinterpret_cast<const char*>(p.planes + row_begin * p.words);
+  const int64_t first_bytes = std::min<int64_t>(kPrefetchBytes, (row_end - row_begin) * p.words * 4);
+  for (int k = 0; k < BITS; ++k)
+    for (int64_t at = 0; at < first_bytes; at += 64) _mm_prefetch(first_words + k * p.out_f * p.words * 4 + at, _MM_HINT_T0);
+  const int64_t first_groups = std::min<int64_t>(kPrefetchRows, row_end - row_begin) * p.n_groups;
+  for (int64_t at = 0; at < first_groups; at += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(p.scales + row_begin * p.n_groups + at), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p.type_ids + row_begin * p.n_groups + at), _MM_HINT_T0);
+  }
   for (int64_t b0 = 0; b0 < a.batch; b0 += kTile) {
     const float* x = a.x + b0 * a.x_stride;
     float* y = a.y + b0 * p.out_f;
