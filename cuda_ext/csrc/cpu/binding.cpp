@@ -78,20 +78,21 @@ int isa_for(const PackedView& p) {
 // Codes per period of the kernels' x order (the padded row of x is a whole number of periods).
 int64_t x_period(int isa) { return isa == kAvx512 ? secateurs_cpu::kChunkCodes : 32; }
 
-// x as the kernels read it: [batch, whole periods of x_period(isa) codes], zero past in_f (those codes multiply 0),
-// and for the SIMD tiers slot k of a period holds x[period start + order(k)].
-at::Tensor gemv_input(const at::Tensor& x_in, const PackedView& p, int isa) {
+// x (contiguous fp32 [batch, in]) as the kernels read it, in a per-thread buffer reused across calls (no allocation
+// per call): [batch, stride = whole periods of x_period(isa) codes], zero past in_f (those codes multiply 0), and for
+// the SIMD tiers slot k of a period holds x[period start + order(k)].
+const float* gemv_input(const float* src, int64_t batch, const PackedView& p, int isa, int64_t& stride) {
   static const auto orders = [] {
     std::array<std::vector<int>, 3> o{};
     for (int k = 0; k < 32; ++k) o[kPortable].push_back(k), o[kAvx2].push_back(secateurs_cpu::gemv_input_order(k));
     for (int k = 0; k < secateurs_cpu::kChunkCodes; ++k) o[kAvx512].push_back(secateurs_cpu::gemv_input_order_avx512(k));
     return o;
   }();
-  const at::Tensor x = x_in.contiguous();
-  const int64_t batch = x.size(0), period = x_period(isa), stride = (p.in_f + period - 1) / period * period;
-  at::Tensor out = at::empty({batch, std::max<int64_t>(stride, 1)}, x.options());
-  const float* src = x.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+  thread_local std::vector<float> buffer;
+  const int64_t period = x_period(isa);
+  stride = (p.in_f + period - 1) / period * period;
+  if (buffer.size() < size_t(std::max<int64_t>(batch * stride, 1))) buffer.resize(size_t(std::max<int64_t>(batch * stride, 1)));
+  float* dst = buffer.data();
   const int* order = orders[isa].data();
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t start = 0; start < stride; start += period) {
@@ -103,7 +104,7 @@ at::Tensor gemv_input(const at::Tensor& x_in, const PackedView& p, int isa) {
         for (int64_t k = 0; k < period; ++k) d[k] = start + order[k] < p.in_f ? s[order[k]] : 0.0f;
       }
     }
-  return out;
+  return dst;
 }
 
 // Rows per task: at least ~32k weights, so that small layers do not pay a thread hand-off per few rows.
@@ -150,20 +151,14 @@ at::Tensor dequant_matmul(const at::Tensor& x, const at::Tensor& planes, const a
   return at::matmul(x, w.t());
 }
 
-// y = x @ W^T without materialising W: x fp32 [B, in] -> y fp32 [B, out]. Not bit-exact with x @ W^T (another
-// summation order): each y[b, o] is an fp32 FMA sum of the reference's exact fp32 weights.
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& type_ids, const at::Tensor& scales,
-                const std::optional<at::Tensor>& zeros, const at::Tensor& tables, int64_t in_features,
-                int64_t group_size) {
-  const PackedView p = view_packed(planes, type_ids, scales, zeros, tables, in_features, group_size);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == in_features,
-              "x must be a float32 CPU tensor [B, ", in_features, "]");
-  const int64_t batch = x.size(0);
+// y[b, o] = sum_i x[b, i] W[o, i] for contiguous fp32 x [batch, in] into y [batch, out], output rows split over
+// threads. Not bit-exact with x @ W^T (another summation order): each y[b, o] is an fp32 FMA sum of the reference's
+// exact fp32 weights.
+void gemv_into(const float* x, int64_t batch, const PackedView& p, float* y) {
   const int isa = isa_for(p);
-  const at::Tensor padded = gemv_input(x, p, isa);
-  const int64_t stride = padded.size(1);
-  at::Tensor y = at::empty({batch, p.out_f}, x.options());
-  const GemvArgs a{padded.data_ptr<float>(), stride, batch, y.data_ptr<float>()};
+  int64_t stride = 0;
+  const float* padded = gemv_input(x, batch, p, isa, stride);
+  const GemvArgs a{padded, stride, batch, y};
   at::parallel_for(0, p.out_f, row_grain(p), [&](int64_t begin, int64_t end) {
     if (isa == kAvx512)
       secateurs_cpu::gemv_rows_avx512(p, a, begin, end);
@@ -172,6 +167,18 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& planes, const at::Tensor&
     else
       secateurs_cpu::gemv_rows_generic(p, a, begin, end);
   });
+}
+
+// y = x @ W^T without materialising W: x fp32 [B, in] -> y fp32 [B, out] (gemv_into).
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& type_ids, const at::Tensor& scales,
+                const std::optional<at::Tensor>& zeros, const at::Tensor& tables, int64_t in_features,
+                int64_t group_size) {
+  const PackedView p = view_packed(planes, type_ids, scales, zeros, tables, in_features, group_size);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == in_features,
+              "x must be a float32 CPU tensor [B, ", in_features, "]");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({x.size(0), p.out_f}, x.options());
+  gemv_into(xc.data_ptr<float>(), x.size(0), p, y.data_ptr<float>());
   return y;
 }
 
@@ -191,10 +198,12 @@ std::optional<at::Tensor> linear(const at::Tensor& x, const at::Tensor& planes, 
   const int64_t rows = x.numel() / in_features;
   at::Tensor y;
   if (rows <= max_fused) {
+    const PackedView p = view_packed(planes, type_ids, scales, zeros, tables, in_features, group_size);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = planes.size(1);
-    y = gemv(x.reshape({rows, in_features}), planes, type_ids, scales, zeros, tables, in_features, group_size)
-            .view(shape);
+    shape.back() = p.out_f;
+    const at::Tensor xc = x.contiguous();
+    y = at::empty(shape, x.options());
+    gemv_into(xc.data_ptr<float>(), rows, p, y.data_ptr<float>());
   } else {
     y = dequant_matmul(x, planes, type_ids, scales, zeros, tables, in_features, group_size);
   }
