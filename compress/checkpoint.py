@@ -70,14 +70,18 @@ def model_skipped(model: nn.Module, arch: Arch) -> list[list[str]]:
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes (any dtype, bf16 included)."""
-    return hashlib.sha256(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data.data).hexdigest()  # the buffer itself: no copy of a (possibly huge) tensor
 
 
 def tensor_hashes(path: Path) -> dict[str, str]:
-    """sha256 of every tensor's raw bytes in a safetensors file (name → hex digest)."""
-    hashes = {}
+    """sha256 of every tensor's raw bytes in a safetensors file (name → hex digest). The file is mapped per tensor:
+    one mapping held over the loop would keep the whole file resident."""
     with safe_open(str(path), framework="pt") as f:
-        for name in sorted(f.keys()):
+        names = sorted(f.keys())
+    hashes = {}
+    for name in names:
+        with safe_open(str(path), framework="pt") as f:
             hashes[name] = tensor_sha256(f.get_tensor(name))
     return hashes
 
@@ -135,6 +139,8 @@ def write_checkpoint(
     overwrite: bool = False,
     verify: Callable[[Path], dict[str, str]] | None = None,
     export: str = "packed",
+    save_weights: Callable[[Path], None] | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> Path:
     """Write model, tokenizer, config, remote code, provenance and model card atomically to ``out_dir``.
 
@@ -142,7 +148,9 @@ def write_checkpoint(
     check); it may return extra files {name: text} to add, and an exception from it leaves nothing behind.
     ``export="dequantized"`` writes packed layers as plain linears in the model's own dtype (for tools that accept
     nothing else). Uniform shapes with nothing skipped get a standard config (``compress.export.stock``): no
-    ``auto_map``, no remote code.
+    ``auto_map``, no remote code. ``save_weights(tmp_dir)`` replaces ``model.save_pretrained`` (a streamed run:
+    ``model`` is then a meta-device skeleton holding the compressed structure, see ``compress.stream.output``,
+    and ``quantization`` its ``quantization_config``, recorded while each layer was in memory).
     """
     prepare_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +161,10 @@ def write_checkpoint(
         if export == "dequantized" and quant_linears(model):
             model = copy.deepcopy(model)
             dequantize_model(model)
-        model.save_pretrained(tmp)  # type: ignore[operator]
+        if save_weights is not None:
+            save_weights(tmp)
+        else:
+            model.save_pretrained(tmp)  # type: ignore[operator]
         tokenizer.save_pretrained(tmp)
         stock = _patch_config(
             tmp,
@@ -161,7 +172,7 @@ def write_checkpoint(
             base_architecture,
             model_layer_shapes(model, arch),
             model_skipped(model, arch),
-            quantization_config(model),
+            quantization if save_weights is not None else quantization_config(model),
         )
         add_zero_biases(tmp, stock.zero_biases)
         if stock.config is None:
@@ -194,7 +205,7 @@ def _replace(tmp: Path, out_dir: Path) -> None:
         tmp.rename(out_dir)
 
 
-def load_checkpoint_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_checkpoint_model(folder: Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
     """Load a Secateurs checkpoint with the in-package copy of its modeling code (no remote code executed).
 
     Only its structure is checked here (a missing or extra tensor is an InputError); ``compress.verify`` checks

@@ -131,8 +131,20 @@ def resolve_source(source: str) -> Path | str:
     return source  # a Hub id: only works with network access
 
 
+def resolve_dtype(name: str, resolved: Path | str) -> torch.dtype | str:
+    """A recipe's ``dtype``: a torch dtype, or for ``auto`` the stored dtype of a local safetensors model (fp32 for
+    the default model's GGUF conversion); a Hub model keeps "auto" (transformers reads its config)."""
+    if name != "auto":
+        return getattr(torch, name)  # type: ignore[no-any-return]
+    if isinstance(resolved, Path) and any(resolved.glob("*.safetensors")):
+        from compress.stream import checkpoint_dtype
+
+        return checkpoint_dtype(resolved)
+    return torch.float32 if isinstance(resolved, Path) else "auto"
+
+
 def load_model(
-    source: str, dtype: torch.dtype = torch.float32, device: str = "cpu", verify_hashes: bool = True
+    source: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu", verify_hashes: bool = True
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer in ``dtype`` (fp32 is the CPU default: bf16 is ~5x slower on AVX2).
 
@@ -167,7 +179,7 @@ def load_model(
 WEIGHT_FILES = ("*.safetensors", "*.bin")
 
 
-def _load_local(folder: Path, source: str, dtype: torch.dtype, verify_hashes: bool) -> nn.Module:
+def _load_local(folder: Path, source: str, dtype: torch.dtype | str, verify_hashes: bool) -> nn.Module:
     """A local folder: a Secateurs checkpoint (verified, loaded with the in-package modeling code) or plain HF."""
     from compress.checkpoint import load_checkpoint_model
     from compress.verify import PROVENANCE_FILE, read_json, verify_checkpoint
@@ -197,7 +209,7 @@ def _load_tokenizer(resolved: Path | str, source: str) -> PreTrainedTokenizerBas
         raise InputError(f"model {shown(source)}: tokenizer cannot be loaded: {one_line(err, 120)}") from None
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype) -> nn.Module:
+def _load_hub(repo_id: str, dtype: torch.dtype | str) -> nn.Module:
     try:
         return AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
     except OSError as err:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +18,41 @@ from compress.corpus import calibration_batches, corpus_fingerprint, load_docume
 from compress.eval_cache import cached_evaluation
 from compress.evaluate import comparison_rows, evaluate_model
 from compress.lm_tasks import resolve_tasks
-from compress.loading import load_model, resolve_source
+from compress.loading import _load_tokenizer, load_model, resolve_dtype, resolve_source
 from compress.metrics import count_parameters, prunable_parameters
-from compress.output_dir import clean_leftovers
+from compress.output_dir import clean_leftovers, temp_sibling
 from compress.recipe import (
     EvaluationConfig,
+    PruneStep,
     QuantizeStep,
     Recipe,
+    Step,
     apply_overrides,
     load_recipe_dict,
     parse_recipe,
 )
 from compress.report import report_markdown
 from compress.steps import StepContext, apply_step
+from compress.stream import not_streamable, open_streamer, stream_folder
+from compress.stream.engine import stream_steps
+from compress.stream.output import final_logits, reload_logits, save_weights
 from compress.verify import verify_checkpoint
 
 log = logging.getLogger("secateurs")
 
 
-@dataclass
 class RunResult:
-    model: nn.Module
-    tokenizer: Any
-    checkpoint: Path
-    report: dict[str, Any]
+    """The compressed model, its checkpoint folder and the report. After a streamed run the model was never whole
+    in memory: ``model`` loads the written checkpoint on first use."""
+
+    def __init__(self, model: nn.Module | None, tokenizer: Any, checkpoint: Path, report: dict[str, Any]):
+        self._model, self.tokenizer, self.checkpoint, self.report = model, tokenizer, checkpoint, report
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            self._model = load_model(str(self.checkpoint), dtype="auto").model
+        return self._model
 
 
 def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
@@ -66,7 +77,16 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    loaded = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    resolved = resolve_source(cfg.model)
+    dtype = resolve_dtype(cfg.dtype, resolved)
+    exports = [step.quantize.export for step in cfg.steps if isinstance(step, QuantizeStep)]
+    export = exports[-1] if exports else "packed"
+    why = not_streamable(cfg.steps, export) or ("evaluation needs the whole model" if cfg.evaluation else None)
+    folder = stream_folder(resolved, cfg.stream, why)
+    if folder is not None:
+        assert isinstance(dtype, torch.dtype)
+        return run_streamed(cfg, folder, dtype, export)
+    loaded = load_model(cfg.model, dtype=dtype, device=cfg.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = arch_for(model.config)
     timings["load"] = time.perf_counter() - clock
@@ -119,14 +139,88 @@ def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | Non
             "report.md": report_markdown(report),
         }
 
-    exports = [step.quantize.export for step in cfg.steps if isinstance(step, QuantizeStep)]
-    export = exports[-1] if exports else "packed"
     write_checkpoint(model, tokenizer, arch, out_dir, provenance, cfg.output.overwrite, verify, export)
     timings["write"] = time.perf_counter() - clock
     log.info("checkpoint written to %s (reload max |Δlogit| = %.2e)", out_dir, report["reload_max_abs_logit_diff"])
     if cfg.output.push_to_hub:
         report["hub_url"] = push_to_hub(out_dir, cfg.output.push_to_hub)
     return RunResult(model, tokenizer, out_dir, report)
+
+
+def run_streamed(cfg: Recipe, folder: Path, dtype: torch.dtype, export: str) -> RunResult:
+    """:func:`run` one decoder layer at a time (``compress.stream``; no evaluation: it needs the whole model)."""
+    out_dir = Path(cfg.output.dir)
+    clock = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_sibling(out_dir)  # a crashed run's staging is a leftover the next run removes
+    try:
+        streamer = open_streamer(folder, dtype, staging, cfg.device, cfg.model)
+        model, arch = streamer.model, streamer.arch
+        tokenizer = _load_tokenizer(folder, cfg.model)
+        log.info("streaming %s one decoder layer at a time (%s)", folder, str(dtype).removeprefix("torch."))
+        timings = {"load": time.perf_counter() - clock}
+        sizes: dict[str, Any] = {
+            "params_before": count_parameters(model),
+            "prunable_before": prunable_parameters(model, arch),
+        }
+        clock = time.perf_counter()
+        cal = cfg.calibration
+        calibration = (
+            calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, cfg.seed) if cfg.steps else None
+        )
+        probe = calibration[:2] if calibration is not None else tokenizer("Secateurs", return_tensors="pt").input_ids
+        records, hidden = stream_steps(streamer, cfg.steps, calibration, cal.batch_size, probe)
+        summaries = []
+        for step, record in zip(cfg.steps, records, strict=True):
+            if isinstance(step, QuantizeStep):
+                storage = streamer.weight_storage()
+                record.update(storage, summary=f"quantize {step.quantize.dtypes} g{step.quantize.group_size} "
+                              f"({storage['bits_per_weight']:.3f} bits/weight)")  # fmt: skip
+            else:
+                assert isinstance(step, PruneStep)
+                record["summary"] = f"{step.prune.method} {step.prune.structure} ratio={step.prune.ratio}"
+            summaries.append({**record, "config": step_config(step)})
+        timings["compress"] = time.perf_counter() - clock
+        sizes["params_after"] = count_parameters(model)
+        sizes["prunable_after"] = prunable_parameters(model, arch)
+        sizes["removed_prunable_fraction"] = 1 - sizes["prunable_after"] / sizes["prunable_before"]
+        provenance = build_provenance(cfg, calibration, summaries, sizes, {})
+        report: dict[str, Any] = {
+            **provenance,
+            "stream": {
+                "layer_seconds": [round(t, 2) for t in streamer.seconds],
+                "statistics_seconds": [round(t, 2) for t in streamer.statistics_seconds],
+            },
+        }
+        expected = final_logits(model, arch, hidden, streamer.source, dtype)
+        clock = time.perf_counter()
+
+        def verify(tmp: Path) -> dict[str, Any]:
+            verify_checkpoint(tmp, hashes=False)
+            reloaded = reload_logits(tmp, arch, probe, cal.batch_size)
+            report["reload_max_abs_logit_diff"] = float((expected - reloaded).abs().max())
+            report["timings_seconds"] = {k: round(v, 2) for k, v in timings.items()}
+            return {
+                "report.json": json.dumps(report, indent=2, sort_keys=True) + "\n",
+                "report.md": report_markdown(report),
+            }
+
+        write_checkpoint(
+            model, tokenizer, arch, out_dir, provenance, cfg.output.overwrite, verify, export,
+            save_weights(streamer), streamer.quantization_config(),
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("checkpoint written to %s (reload max |Δlogit| = %.2e)", out_dir, report["reload_max_abs_logit_diff"])
+    if cfg.output.push_to_hub:
+        report["hub_url"] = push_to_hub(out_dir, cfg.output.push_to_hub)
+    return RunResult(None, tokenizer, out_dir, report)
+
+
+def step_config(step: Step) -> dict[str, Any]:
+    """The provenance ``config`` of a step (its inner config, as the step handlers record it)."""
+    inner = step.prune if isinstance(step, PruneStep) else step.quantize if isinstance(step, QuantizeStep) else None
+    return inner.model_dump(mode="json") if inner is not None else {}
 
 
 def evaluate_against(

@@ -103,7 +103,12 @@ class OutputConfig(Strict):
 class Recipe(Strict):
     model: str = "default"
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: the checkpoint's own dtype (the default model's GGUF converts to fp32); statistics and solves run in
+    # float32/float64 whatever the model's dtype
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # layer streaming (compress.stream): auto = whenever the model is a local safetensors folder and the run allows
+    # it (prune + quantize steps, no evaluation); true = demand it; false = load the whole model
+    stream: bool | Literal["auto"] = "auto"
     device: str = "cpu"
     _device = field_validator("device")(classmethod(lambda cls, v: available_device(v)))
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)

@@ -22,7 +22,7 @@ from compress.adapters import arch_for
 from compress.candidates import DenseCache
 from compress.corpus import calibration_batches
 from compress.evaluate import lm_eval_tasks
-from compress.loading import load_model
+from compress.loading import load_model, resolve_dtype, resolve_source
 from compress.metrics import Probe, measure, metric
 from compress.prune.pruner import needs_statistics
 from compress.recipe import LmEvalConfig, NasStep, PerplexityConfig, PruneStep, QuantizeStep, Recipe
@@ -62,7 +62,8 @@ class Session:
 
     @classmethod
     def open(cls, recipe: Recipe, proxy_samples: int = 4, proxy_seq_len: int = 128) -> Session:
-        loaded = load_model(recipe.model, dtype=getattr(torch, recipe.dtype), device=recipe.device)
+        dtype = resolve_dtype(recipe.dtype, resolve_source(recipe.model))
+        loaded = load_model(recipe.model, dtype=dtype, device=recipe.device)
         return cls(recipe, loaded.model, loaded.tokenizer, proxy_samples, proxy_seq_len)
 
     def allocation(self, cfg: Any) -> tuple[list[int], list[int]]:

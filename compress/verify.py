@@ -161,7 +161,8 @@ def expected_tensors(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Te
             continue
         seen[id(tensor)] = name
         in_quantized = any(name.startswith(module + ".") for module in quantized)
-        dtype = float_dtype if tensor.is_floating_point() and not in_quantized else tensor.dtype
+        own_dtype = not in_quantized or name.endswith(".bias")  # a packed linear's bias keeps the model's dtype
+        dtype = float_dtype if tensor.is_floating_point() and own_dtype else tensor.dtype
         expected[name] = TensorEntry("", dtype, tuple(tensor.shape))
     return expected, optional
 

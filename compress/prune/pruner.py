@@ -141,8 +141,14 @@ def plan_masks(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Keep-masks (per layer: [n_kv] bool for attention, [F] bool for the MLP) from the method's scores and either
     the allocation of ``cfg.structure`` or the explicit per-layer widths (fractions or counts)."""
-    layers = decoder_layers(model, arch)
-    units = module_units(model, arch, cfg, stats)
+    return masks_from_units(module_units(model, arch, cfg, stats), cfg)
+
+
+def masks_from_units(
+    units: list[tuple[ModuleUnits, ModuleUnits]], cfg: PruneConfig
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`plan_masks` from per-layer units already scored (a streamed model scores each layer when it is
+    materialised)."""
     structure = cfg.structure or "AL-AM"
     if structure == "puzzle":
         raise InputError("prune.structure: puzzle widths come from compress.puzzle (the prune step), not plan_masks")
@@ -158,8 +164,8 @@ def plan_masks(
         )
     given = len(cfg.attn_keep if cfg.attn_keep is not None else cfg.attn_groups or [])
     names = "attn_keep / mlp_keep" if cfg.attn_keep is not None else "attn_groups / mlp_channels"
-    if given != len(layers):
-        raise InputError(f"prune.{names}: expected {len(layers)} entries (one per decoder layer), got {given}")
+    if given != len(units):
+        raise InputError(f"prune.{names}: expected {len(units)} entries (one per decoder layer), got {given}")
     groups, channels = explicit_widths(
         cfg, [a.scores.numel() for a, _ in units], [m.scores.numel() for _, m in units]
     )
