@@ -14,8 +14,9 @@ by ``python -m cuda_ext.build``; without it the ops keep the reference and this 
   Inputs the kernels do not take (unsupported widths or dtypes, other devices) go to the reference, so the
   registration never narrows what the op accepts.
 
-Kernels: AVX-512F (GEMV) and AVX2 + FMA + BMI2 chosen at run time by the CPU's features, a portable C++ fallback
-for other CPUs, 8-bit codes and group sizes that split a 32-code word; output rows split over torch's threads.
+Kernels: AVX-512 F/BW + GFNI (GEMV; group sizes of 128k or one group per row) and AVX2 + FMA + BMI2 chosen at run
+time by the CPU's features, a portable C++ fallback for other CPUs, 8-bit codes and group sizes that split a 32-code
+word; output rows split over torch's threads. :func:`direct_linear` is QuantLinear's path around the dispatcher.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ LD_FLAGS = ["-fopenmp"]
 # Largest number of activation rows that takes the fused GEMV; above it dequantise-then-matmul, bit-exact with the
 # reference. 8, as the CUDA kernels (SECATEURS_MAX_GEMV_BATCH), so that one contract holds on both devices. Measured
 # with scripts/bench_cpu_kernels.py (docs/results/benchmarks.md, "CPU kernels"): the fused kernel is faster up to 8
-# rows on every shape, and still was at 12-24 rows; a 512-token prefill must take the matmul.
+# rows on every shape, and mostly still at 12-16 rows (not at 24 on the small shapes); a 512-token prefill must take
+# the matmul.
 GEMV_MAX_BATCH = 8
 
 _state: dict[str, Any] = {"module": None, "enabled": True, "logged": False}
