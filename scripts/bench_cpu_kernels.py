@@ -1,7 +1,7 @@
 """CPU kernels (cuda_ext/csrc/cpu) against fp32 ``torch.matmul`` and the torch reference op, in one run.
 
     python scripts/bench_cpu_kernels.py [--packed out/smollm2-bitmod4] [--threads 2] [--clock wall|cpu]
-        [--out runs/bench_cpu]
+        [--isa auto|avx2|avx512|portable] [--out runs/bench_cpu]
 
 1. GEMV, W [out, in] of BitMoD-4 (group 128): the fused kernel vs ``x @ W.T`` with a dense fp32 W (batch 1),
    effective GB/s of the packed weight bytes (planes + type ids + scales + tables), and the batch sweep of fused
@@ -187,6 +187,7 @@ def write_report(
         "threads": torch.get_num_threads(),
         "cpu_backend": ops.cpu_backend(),
         "kernel_isas": list(ext.supported_isas()) if ext is not None else [],
+        "isa": args.isa_used,  # the tier the kernels were capped to (--isa; auto: the best this CPU runs)
         "repeats": args.repeats,
         "clock": args.clock,
         "gemv_max_batch": cpu_impl.GEMV_MAX_BATCH,
@@ -217,6 +218,20 @@ def write_report(
     print(text)
 
 
+def select_isa(isa: str) -> str:
+    """Caps the extension's kernels to ``isa`` (auto: the best this CPU runs); returns the tier used."""
+    ext = cpu_impl.extension()
+    assert ext is not None  # main checked ops.cpu_backend()
+    supported = list(ext.supported_isas())
+    if isa == "auto":
+        isa = supported[-1]
+    elif isa not in supported:
+        sys.exit(f"--isa {isa}: this CPU runs only {', '.join(supported)}")
+    ext.set_max_isa(isa)
+    print(f"kernel instruction set: {isa}", flush=True)
+    return isa
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packed", help="a packed BitMoD-4 checkpoint folder (default: quantise in-process)")
@@ -231,6 +246,12 @@ def main() -> None:
         default="wall",
         help="cpu: process CPU time, for a machine shared with other jobs (use with --threads 1)",
     )
+    parser.add_argument(
+        "--isa",
+        choices=("auto", "avx2", "avx512", "portable"),
+        default="auto",
+        help="cap the kernels' instruction set (e.g. avx2 to time an AVX2-only target on an AVX-512 machine)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_cpu_kernels"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -238,6 +259,7 @@ def main() -> None:
     clock = CLOCK[args.clock]
     if ops.cpu_backend() != "cpu-kernels":
         sys.exit("the CPU kernels are not available: run `python -m cuda_ext.build` first")
+    args.isa_used = select_isa(args.isa)
     load_start = os.getloadavg()
     gemv = [] if args.skip_gemv else bench_gemv(args.repeats)
     model = None if args.skip_model else bench_model(args)
