@@ -76,24 +76,27 @@ int isa_for(const PackedView& p) {
 }
 
 // Codes per period of the kernels' x order (the padded row of x is a whole number of periods).
-int64_t x_period(int isa) { return isa == kAvx512 ? secateurs_cpu::kChunkCodes : 32; }
+int64_t x_period(int isa, const PackedView& p) {
+  return isa == kAvx512 ? secateurs_cpu::kChunkCodes : isa == kAvx2 ? secateurs_cpu::avx2_gemv_period(p) : 32;
+}
 
 // x (contiguous fp32 [batch, in]) as the kernels read it, in a per-thread buffer reused across calls (no allocation
-// per call): [batch, stride = whole periods of x_period(isa) codes], zero past in_f (those codes multiply 0), and for
+// per call): [batch, stride = whole periods of x_period(isa, p) codes], zero past in_f (those codes multiply 0), and for
 // the SIMD tiers slot k of a period holds x[period start + order(k)].
 const float* gemv_input(const float* src, int64_t batch, const PackedView& p, int isa, int64_t& stride) {
   static const auto orders = [] {
-    std::array<std::vector<int>, 3> o{};
-    for (int k = 0; k < 32; ++k) o[kPortable].push_back(k), o[kAvx2].push_back(secateurs_cpu::gemv_input_order(k));
+    std::array<std::vector<int>, 4> o{};  // o[3]: the AVX2 GEMV's 64-code period
+    for (int k = 0; k < 32; ++k) o[kPortable].push_back(k), o[kAvx2].push_back(secateurs_cpu::gemv_input_order(k, 32));
+    for (int k = 0; k < 64; ++k) o[3].push_back(secateurs_cpu::gemv_input_order(k, 64));
     for (int k = 0; k < secateurs_cpu::kChunkCodes; ++k) o[kAvx512].push_back(secateurs_cpu::gemv_input_order_avx512(k));
     return o;
   }();
   thread_local std::vector<float> buffer;
-  const int64_t period = x_period(isa);
+  const int64_t period = x_period(isa, p);
   stride = (p.in_f + period - 1) / period * period;
   if (buffer.size() < size_t(std::max<int64_t>(batch * stride, 1))) buffer.resize(size_t(std::max<int64_t>(batch * stride, 1)));
   float* dst = buffer.data();
-  const int* order = orders[isa].data();
+  const int* order = orders[isa == kAvx2 && period == 64 ? 3 : isa].data();
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t start = 0; start < stride; start += period) {
       float* d = dst + b * stride + start;

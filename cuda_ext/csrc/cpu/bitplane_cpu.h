@@ -47,9 +47,10 @@ void dequantize_rows_f32_generic(const PackedView& p, float* out, int64_t row_be
 // (group_size % 32 == 0 or a single group per row). Callers check avx2_supported() and avx2_covers() first.
 bool avx2_supported();
 bool avx2_covers(const PackedView& p);
-// The AVX2 GEMV reads x word by word in a permuted order: position k of a word's 32 slots holds x[32w +
-// gemv_input_order(k)] (a permutation of 0..31).
-int gemv_input_order(int k);
+// The AVX2 GEMV reads x in periods of avx2_gemv_period(p) codes (64: word pairs, when a pair never straddles a group;
+// else 32: single words) in a permuted order: slot k of a period holds x[start + gemv_input_order(k, period)].
+int avx2_gemv_period(const PackedView& p);
+int gemv_input_order(int k, int period);
 void gemv_rows_avx2(const PackedView& p, const GemvArgs& a, int64_t row_begin, int64_t row_end);
 void dequantize_rows_f32_avx2(const PackedView& p, float* out, int64_t row_begin, int64_t row_end);
 

@@ -105,9 +105,12 @@ SECATEURS_AVX2 inline float hsum(__m256 v) {
 
 }  // namespace
 
-int gemv_input_order(int k) {  // vector c = k / 8 of a word, lane l = k % 8 (see lookup8_from)
+int avx2_gemv_period(const PackedView& p) { return p.group_size % 64 == 0 || p.n_groups == 1 ? 64 : 32; }
+
+int gemv_input_order(int k, int period) {
   const int c = k / 8, l = k % 8;
-  return 16 * (c / 2) + 8 * (l % 2) + 4 * (c % 2) + l / 2;
+  if (period == 64) return 32 * (l % 2) + 4 * c + l / 2;  // step c of a word pair, lane l (see pair_codes)
+  return 16 * (c / 2) + 8 * (l % 2) + 4 * (c % 2) + l / 2;  // vector c = k / 8 of a word (see lookup8_from)
 }
 
 namespace {
@@ -180,18 +183,102 @@ SECATEURS_AVX2 void gemv_row(const PackedView& p, const float* x, int64_t x_stri
   }
 }
 
+// Word-pair decode without pdep (pair path: both words of the pair in one group). A qword broadcast of words w, w + 1
+// of plane k puts word w + h in lanes 2m + h; shifting lane 2m + h right by m leaves code 4c + m of word w + h at bit
+// 4c. Masking bit 4c and moving plane k to bit 4c + k gives nibble c of each lane = the code of step c, lane l
+// (code 32 (l % 2) + 4c + l / 2 of the pair, gemv_input_order(k, 64)). `pair` false: word w + 1 reads as zero.
+template <int BITS>
+SECATEURS_AVX2 inline __m256i pair_codes(const uint32_t* word, int64_t plane_stride, bool pair) {
+  const __m256i shifts = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  const __m256i ones = _mm256_set1_epi32(0x11111111);
+  __m256i codes = _mm256_setzero_si256();
+  for (int k = 0; k < BITS; ++k) {
+    const uint32_t* w = word + k * plane_stride;
+    const __m256i both = pair ? _mm256_castpd_si256(_mm256_broadcast_sd(reinterpret_cast<const double*>(w)))
+                              : _mm256_set1_epi64x(int64_t(*w));
+    const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(both, shifts), ones);
+    codes = _mm256_or_si256(codes, _mm256_slli_epi32(bit, k));
+  }
+  return codes;
+}
+
+// Step c (0..7) of a pair: nibble c of each lane of `codes` looked up in the group table (vpermps reads bits 0..2 of
+// the shifted codes; for 4-bit codes the blend reads bit 3 moved to the sign bit).
+template <int BITS, int C>
+SECATEURS_AVX2 inline __m256 pair_lookup(__m256i codes, __m256 lo, __m256 hi) {
+  const __m256i idx = C == 0 ? codes : _mm256_srli_epi32(codes, 4 * C);
+  const __m256 low = _mm256_permutevar8x32_ps(lo, idx);
+  if (BITS != 4) return low;
+  const __m256i sign = C == 7 ? codes : _mm256_slli_epi32(codes, 28 - 4 * C);
+  return _mm256_blendv_ps(low, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(sign));
+}
+
+template <int BITS, int NB, int CHAINS, int C>
+SECATEURS_AVX2 inline void pair_step(__m256 (&acc)[NB][CHAINS], __m256i codes, __m256 lo, __m256 hi, const float* xp,
+                                     int64_t x_stride) {
+  const __m256 v = pair_lookup<BITS, C>(codes, lo, hi);
+  for (int b = 0; b < NB; ++b)
+    acc[b][C % CHAINS] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp + b * x_stride + 8 * C), acc[b][C % CHAINS]);
+}
+
+template <int BITS, int NB, int CHAINS>
+SECATEURS_AVX2 inline void accumulate_pair(__m256 (&acc)[NB][CHAINS], const uint32_t* word, int64_t plane_stride,
+                                           bool pair, __m256 lo, __m256 hi, const float* xp, int64_t x_stride) {
+  const __m256i codes = pair_codes<BITS>(word, plane_stride, pair);
+  pair_step<BITS, NB, CHAINS, 0>(acc, codes, lo, hi, xp, x_stride);
+  pair_step<BITS, NB, CHAINS, 1>(acc, codes, lo, hi, xp, x_stride);
+  pair_step<BITS, NB, CHAINS, 2>(acc, codes, lo, hi, xp, x_stride);
+  pair_step<BITS, NB, CHAINS, 3>(acc, codes, lo, hi, xp, x_stride);
+  pair_step<BITS, NB, CHAINS, 4>(acc, codes, lo, hi, xp, x_stride);
+  pair_step<BITS, NB, CHAINS, 5>(acc, codes, lo, hi, xp, x_stride);
+  pair_step<BITS, NB, CHAINS, 6>(acc, codes, lo, hi, xp, x_stride);
+  pair_step<BITS, NB, CHAINS, 7>(acc, codes, lo, hi, xp, x_stride);
+}
+
+// gemv_row for avx2_gemv_period(p) == 64: x in 64-code periods, word pairs (w even) decoded by pair_codes.
+template <int BITS, int NB>
+SECATEURS_AVX2 void gemv_row_pairs(const PackedView& p, const float* x, int64_t x_stride, int64_t row, float* y) {
+  constexpr int CHAINS = NB == 1 ? 8 : (NB == 2 ? 4 : 2);
+  __m256 acc[NB][CHAINS];
+  for (int b = 0; b < NB; ++b)
+    for (int k = 0; k < CHAINS; ++k) acc[b][k] = _mm256_setzero_ps();
+  const int64_t plane_stride = p.out_f * p.words, wpg = words_per_group(p);
+  const uint32_t* planes = p.planes + row * p.words;
+  prefetch_group_streams(p, row);
+  for (int64_t g = 0, w0 = 0; w0 < p.words; ++g, w0 += wpg) {
+    __m256 lo, hi;
+    load_group_table<BITS>(p, row, g, lo, hi);
+    const int64_t w1 = std::min(w0 + wpg, p.words);
+    for (int64_t w = w0; w < w1; w += 2) {
+      if (w % 16 == 0) prefetch_planes<BITS>(planes + w, plane_stride);  // one cache line per plane per 16 words
+      accumulate_pair<BITS, NB, CHAINS>(acc, planes + w, plane_stride, w + 1 < w1, lo, hi, x + w * kWordBits,
+                                        x_stride);
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    __m256 total = acc[b][0];
+    for (int k = 1; k < CHAINS; ++k) total = _mm256_add_ps(total, acc[b][k]);
+    y[b * p.out_f + row] = hsum(total);
+  }
+}
+
 template <int BITS>
 SECATEURS_AVX2 void gemv_rows_bits(const PackedView& p, const GemvArgs& a, int64_t row_begin, int64_t row_end) {
+  const bool pairs = avx2_gemv_period(p) == 64;
   for (int64_t b0 = 0; b0 < a.batch; b0 += kMaxBatchTile) {
     const float* x = a.x + b0 * a.x_stride;
     float* y = a.y + b0 * p.out_f;
     const int64_t nb = std::min<int64_t>(kMaxBatchTile, a.batch - b0);
     for (int64_t o = row_begin; o < row_end; ++o) {
-      switch (nb) {
-        case 1: gemv_row<BITS, 1>(p, x, a.x_stride, o, y); break;
-        case 2: gemv_row<BITS, 2>(p, x, a.x_stride, o, y); break;
-        case 3: gemv_row<BITS, 3>(p, x, a.x_stride, o, y); break;
-        default: gemv_row<BITS, 4>(p, x, a.x_stride, o, y); break;
+      switch (nb * 2 + pairs) {
+        case 2: gemv_row<BITS, 1>(p, x, a.x_stride, o, y); break;
+        case 3: gemv_row_pairs<BITS, 1>(p, x, a.x_stride, o, y); break;
+        case 4: gemv_row<BITS, 2>(p, x, a.x_stride, o, y); break;
+        case 5: gemv_row_pairs<BITS, 2>(p, x, a.x_stride, o, y); break;
+        case 6: gemv_row<BITS, 3>(p, x, a.x_stride, o, y); break;
+        case 7: gemv_row_pairs<BITS, 3>(p, x, a.x_stride, o, y); break;
+        case 8: gemv_row<BITS, 4>(p, x, a.x_stride, o, y); break;
+        default: gemv_row_pairs<BITS, 4>(p, x, a.x_stride, o, y); break;
       }
     }
   }
@@ -242,6 +329,8 @@ void dequantize_rows_f32_avx2(const PackedView& p, float* out, int64_t row_begin
 #else  // not x86-64: the portable kernels serve every input
 
 bool avx2_supported() { return false; }
+int avx2_gemv_period(const PackedView&) { return 32; }
+int gemv_input_order(int k, int) { return k; }
 void gemv_rows_avx2(const PackedView& p, const GemvArgs& a, int64_t b, int64_t e) { gemv_rows_generic(p, a, b, e); }
 void dequantize_rows_f32_avx2(const PackedView& p, float* out, int64_t b, int64_t e) {
   dequantize_rows_f32_generic(p, out, b, e);
