@@ -249,11 +249,13 @@ SECATEURS_AVX2 void gemv_row_pairs(const PackedView& p, const float* x, int64_t 
     __m256 lo, hi;
     load_group_table<BITS>(p, row, g, lo, hi);
     const int64_t w1 = std::min(w0 + wpg, p.words);
-    for (int64_t w = w0; w < w1; w += 2) {
+    int64_t w = w0;
+    for (; w + 2 <= w1; w += 2) {
       if (w % 16 == 0) prefetch_planes<BITS>(planes + w, plane_stride);  // one cache line per plane per 16 words
-      accumulate_pair<BITS, NB, CHAINS>(acc, planes + w, plane_stride, w + 1 < w1, lo, hi, x + w * kWordBits,
-                                        x_stride);
+      accumulate_pair<BITS, NB, CHAINS>(acc, planes + w, plane_stride, true, lo, hi, x + w * kWordBits, x_stride);
     }
+    if (w < w1)  // an odd last word (the end of the row)
+      accumulate_pair<BITS, NB, CHAINS>(acc, planes + w, plane_stride, false, lo, hi, x + w * kWordBits, x_stride);
   }
   for (int b = 0; b < NB; ++b) {
     __m256 total = acc[b][0];
