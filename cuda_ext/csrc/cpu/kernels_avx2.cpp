@@ -1,7 +1,11 @@
 // AVX2 + FMA + BMI2 CPU kernels for 2/3/4-bit codes, compiled with function target attributes and chosen at run
 // time (avx2_supported), so one build runs on any x86-64 CPU and the portable kernels serve the others.
 //
-// One 32-code word at a time (a word lies in one group, so one per-group table serves its 32 codes):
+// The GEMV, when group_size % 64 == 0 or one group per row (the common case): two words (64 codes, one group) at a
+// time, decoded without pdep (pair_codes: per plane one qword broadcast load, vpsrlvd, and, shift, or), then 8 steps
+// of 8 weights: a shift, one vpermps into the per-group table (4-bit codes: two and a vblendvps on bit 3), one FMA per
+// activation row; x is reordered once per call to match (gemv_input_order(k, 64)).
+// Dequantisation and the GEMV of other group sizes: one 32-code word at a time (a word lies in one group):
 //  1. BMI2 pdep spreads bit i of plane k to bit 4i + k: two uint64 hold the 32 codes as nibbles.
 //  2. Per 8 codes: broadcast 32 bits of nibbles, shift lane l right by 4l (vpsrlvd), look the code up in the
 //     per-group table with vpermps (it reads the low 3 bits; a 16-entry table is two 8-entry halves and a blend on
