@@ -103,6 +103,29 @@ def release(module: nn.Module) -> None:
             owner._parameters[attr] = nn.Parameter(owner._parameters[attr].to("meta"), requires_grad=False)  # type: ignore[union-attr]
         else:
             owner._buffers[attr] = owner._buffers[attr].to("meta")  # type: ignore[union-attr]
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc keeps what torch's threads freed otherwise, and a
+    streamed run's RSS would grow by a layer's worth of temporaries per layer)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc only
+
+
+_LIBC = _load_libc()
 
 
 def load_state(module: nn.Module, prefix: str, source: TensorSource) -> None:
