@@ -43,7 +43,7 @@ void group_table(const PackedView& p, int64_t row, int64_t group, float* table);
 void gemv_rows_generic(const PackedView& p, const GemvArgs& a, int64_t row_begin, int64_t row_end);
 void dequantize_rows_f32_generic(const PackedView& p, float* out, int64_t row_begin, int64_t row_end);
 
-// AVX2 + FMA + BMI2 kernels (runtime-dispatched): bits in {2, 3, 4}, each 32-code word inside one group
+// AVX2 + FMA + F16C kernels (runtime-dispatched): bits in {2, 3, 4}, each 32-code word inside one group
 // (group_size % 32 == 0 or a single group per row). Callers check avx2_supported() and avx2_covers() first.
 bool avx2_supported();
 bool avx2_covers(const PackedView& p);

@@ -1,16 +1,15 @@
-// AVX2 + FMA + BMI2 CPU kernels for 2/3/4-bit codes, compiled with function target attributes and chosen at run
-// time (avx2_supported), so one build runs on any x86-64 CPU and the portable kernels serve the others.
+// AVX2 + FMA (+ F16C) CPU kernels for 2/3/4-bit codes, compiled with function target attributes and chosen at run
+// time (avx2_supported), so one build runs on any x86-64 CPU and the portable kernels serve the others. No BMI2 pdep
+// (microcoded and very slow on AMD Zen 1/2): codes are decoded in vector registers.
 //
 // The GEMV, when group_size % 64 == 0 or one group per row (the common case): two words (64 codes, one group) at a
-// time, decoded without pdep (pair_codes: per plane one qword broadcast load, vpsrlvd, and, shift, or), then 8 steps
-// of 8 weights: a shift, one vpermps into the per-group table (4-bit codes: two and a vblendvps on bit 3), one FMA per
-// activation row; x is reordered once per call to match (gemv_input_order(k, 64)).
-// Dequantisation and the GEMV of other group sizes: one 32-code word at a time (a word lies in one group):
-//  1. BMI2 pdep spreads bit i of plane k to bit 4i + k: two uint64 hold the 32 codes as nibbles.
-//  2. Per 8 codes: broadcast 32 bits of nibbles, shift lane l right by 4l (vpsrlvd), look the code up in the
-//     per-group table with vpermps (it reads the low 3 bits; a 16-entry table is two 8-entry halves and a blend on
-//     bit 3, moved to the sign bit). The table already holds (tables[t, c] - z) * s, so a looked-up value is
-//     bit-identical to the reference's fp32 weight; only the GEMV's summation order differs from x @ W^T.
+// time (pair_codes: per plane one qword broadcast load, vpsrlvd, and, shift, or), then 8 steps of 8 weights: a shift,
+// one vpermps into the per-group table, one FMA per activation row; x is reordered once per call to match
+// (gemv_input_order(k, 64)). Dequantisation and the GEMV of other group sizes: one 32-code word at a time
+// (word_codes: the same decode with a dword broadcast), 4 steps of 8 consecutive weights (natural order).
+// Lookups: vpermps reads the low 3 bits of the shifted codes; a 16-entry table is two 8-entry halves and a blend on
+// bit 3, moved to the sign bit. The table already holds (tables[t, c] - z) * s, so a looked-up value is bit-identical
+// to the reference's fp32 weight; only the GEMV's summation order differs from x @ W^T.
 #include <algorithm>
 #include <cstring>
 
@@ -19,7 +18,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define SECATEURS_X86 1
-#define SECATEURS_AVX2 __attribute__((target("avx2,fma,bmi2,f16c")))
+#define SECATEURS_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
 #define SECATEURS_X86 0
 #define SECATEURS_AVX2
@@ -36,25 +35,23 @@ bool avx2_covers(const PackedView& p) {
 
 bool avx2_supported() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
-         __builtin_cpu_supports("f16c");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
 namespace {
 
-constexpr uint64_t kNibbleMask = 0x1111111111111111ULL;
-
-// nibbles[0]: codes 0..15 of the word (code j in bits 4j..4j+3), nibbles[1]: codes 16..31.
+// One word without pdep: a dword broadcast of word w of plane k, lane l shifted right by l, leaves code 8c + l at bit
+// 8c; masking it and moving plane k to bit 8c + k makes byte c of lane l the code 8c + l (natural order).
 template <int BITS>
-SECATEURS_AVX2 inline void nibble_codes(const uint32_t* word, int64_t plane_stride, uint64_t nibbles[2]) {
-  uint64_t lo = 0, hi = 0;
+SECATEURS_AVX2 inline __m256i word_codes(const uint32_t* word, int64_t plane_stride) {
+  const __m256i shifts = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i ones = _mm256_set1_epi32(0x01010101);
+  __m256i codes = _mm256_setzero_si256();
   for (int k = 0; k < BITS; ++k) {
-    const uint32_t bits = word[k * plane_stride];
-    lo |= _pdep_u64(bits, kNibbleMask << k);  // pdep reads the low 16 bits (the mask has 16 ones)
-    hi |= _pdep_u64(bits >> 16, kNibbleMask << k);
+    const __m256i bits = _mm256_set1_epi32(int(word[k * plane_stride]));
+    codes = _mm256_or_si256(codes, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(bits, shifts), ones), k));
   }
-  nibbles[0] = lo;
-  nibbles[1] = hi;
+  return codes;
 }
 
 // The group's table (tables[t, c] - z) * s as two 8-float halves (the upper half only for 4-bit codes).
@@ -75,29 +72,14 @@ SECATEURS_AVX2 inline void load_group_table(const PackedView& p, int64_t row, in
   hi = _mm256_mul_ps(hi, scale);
 }
 
-// Weights of codes 8c..8c+7 of a word (c = 0..3) from its nibbles.
+// Weights of codes 8c..8c+7 of a word (c = 0..3) from its word_codes.
 template <int BITS>
-SECATEURS_AVX2 inline __m256 lookup8(const uint64_t nibbles[2], int c, __m256 lo, __m256 hi) {
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const uint32_t piece = uint32_t(nibbles[c >> 1] >> (32 * (c & 1)));
-  const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(int(piece)), shifts);
+SECATEURS_AVX2 inline __m256 word_lookup(__m256i codes, int c, __m256 lo, __m256 hi) {
+  const __m256i idx = _mm256_srli_epi32(codes, 8 * c);
   const __m256 low = _mm256_permutevar8x32_ps(lo, idx);
-  if (BITS != 4) return low;  // 2/3-bit codes: bit 3 of the nibble is 0, vpermps ignores it anyway
-  const __m256 high = _mm256_permutevar8x32_ps(hi, idx);
-  return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
-// GEMV variant without the p5-port broadcast of lookup8: broadcast one uint64 of nibbles (8 + 8 codes) straight from
-// memory (a load-port op) and shift lane l by 4 * (shift_base + l / 2); lane l then holds code
-// 8 * (l % 2) + shift_base + l / 2 of that uint64. The GEMV feeds x in the matching order (gemv_input_order).
-template <int BITS>
-SECATEURS_AVX2 inline __m256 lookup8_from(const uint64_t* nibbles, __m256i shifts, __m256 lo, __m256 hi) {
-  const __m256i both = _mm256_castpd_si256(_mm256_broadcast_sd(reinterpret_cast<const double*>(nibbles)));
-  const __m256i idx = _mm256_srlv_epi32(both, shifts);
-  const __m256 low = _mm256_permutevar8x32_ps(lo, idx);
-  if (BITS != 4) return low;
-  const __m256 high = _mm256_permutevar8x32_ps(hi, idx);
-  return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+  if (BITS != 4) return low;  // 2/3-bit codes: bit 3 is 0, vpermps ignores it anyway
+  const __m256i sign = _mm256_slli_epi32(codes, 28 - 8 * c);
+  return _mm256_blendv_ps(low, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(sign));
 }
 
 SECATEURS_AVX2 inline float hsum(__m256 v) {
@@ -114,7 +96,7 @@ int avx2_gemv_period(const PackedView& p) { return p.group_size % 64 == 0 || p.n
 int gemv_input_order(int k, int period) {
   const int c = k / 8, l = k % 8;
   if (period == 64) return 32 * (l % 2) + 4 * c + l / 2;  // step c of a word pair, lane l (see pair_codes)
-  return 16 * (c / 2) + 8 * (l % 2) + 4 * (c % 2) + l / 2;  // vector c = k / 8 of a word (see lookup8_from)
+  return k;  // single words: natural order (see word_codes)
 }
 
 namespace {
@@ -144,12 +126,9 @@ SECATEURS_AVX2 inline void prefetch_group_streams(const PackedView& p, int64_t r
 template <int BITS, int NB, int CHAINS, int BASE>
 SECATEURS_AVX2 inline void accumulate_word(__m256 (&acc)[NB][CHAINS], const uint32_t* word, int64_t plane_stride,
                                            __m256 lo, __m256 hi, const float* xw, int64_t x_stride) {
-  const __m256i shifts_even = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
-  const __m256i shifts_odd = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
-  alignas(16) uint64_t nibbles[2];
-  nibble_codes<BITS>(word, plane_stride, nibbles);
+  const __m256i codes = word_codes<BITS>(word, plane_stride);
   for (int c = 0; c < 4; ++c) {
-    const __m256 v = lookup8_from<BITS>(nibbles + c / 2, c % 2 ? shifts_odd : shifts_even, lo, hi);
+    const __m256 v = word_lookup<BITS>(codes, c, lo, hi);
     for (int b = 0; b < NB; ++b)
       acc[b][(BASE + c) % CHAINS] =
           _mm256_fmadd_ps(v, _mm256_loadu_ps(xw + b * x_stride + 8 * c), acc[b][(BASE + c) % CHAINS]);
@@ -303,11 +282,10 @@ SECATEURS_AVX2 void dequantize_rows_bits(const PackedView& p, float* out, int64_
       load_group_table<BITS>(p, o, g, lo, hi);
       for (int64_t w = w0, w1 = std::min(w0 + wpg, p.words); w < w1; ++w) {
         if (w % 16 == 0) prefetch_planes<BITS>(planes + w, plane_stride);
-        uint64_t nibbles[2];
-        nibble_codes<BITS>(planes + w, plane_stride, nibbles);
+        const __m256i codes = word_codes<BITS>(planes + w, plane_stride);
         const int64_t n = std::min<int64_t>(kWordBits, p.in_f - w * kWordBits);
         float* dst = n == kWordBits ? row + w * kWordBits : tail;  // the ragged last word goes through `tail`
-        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(dst + 8 * c, lookup8<BITS>(nibbles, c, lo, hi));
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(dst + 8 * c, word_lookup<BITS>(codes, c, lo, hi));
         if (n != kWordBits) std::memcpy(row + w * kWordBits, tail, sizeof(float) * size_t(n));
       }
     }
