@@ -151,8 +151,10 @@ def clean_leftovers(out_dir: Path) -> list[Leftover]:
         if match is None:
             continue
         pid = int(match.group(2)) if match.group(2) else None
+        if pid == os.getpid():
+            continue  # this run's own staging folder (a streamed run stages layers next to the output)
         size = folder_bytes(path)
-        if pid is not None and pid != os.getpid() and not _alive(pid):
+        if pid is not None and not _alive(pid):
             if match.group(1) == "old" and not out_dir.exists() and is_checkpoint(path / "old"):
                 # killed between moving the old checkpoint aside and moving the new one in: put the old one back
                 (path / "old").rename(out_dir)

@@ -50,10 +50,11 @@ def _dead_pid() -> int:
 
 def test_leftovers_of_dead_runs_are_removed_others_reported(tmp_path, caplog):
     dead = tmp_path / f".ckpt.tmp-{_dead_pid()}-abc"
-    alive = tmp_path / f".ckpt.tmp-{os.getpid()}-def"
+    alive = tmp_path / f".ckpt.tmp-{os.getppid()}-def"  # a running process's
+    own = tmp_path / f".ckpt.tmp-{os.getpid()}-ghi"  # this run's own staging: neither removed nor reported
     unknown = tmp_path / ".ckpt.tmp-q1w2e3"  # older name without a process id
     other = tmp_path / ".other.tmp-1-abc"  # another output's: not ours to touch
-    for folder in (dead, alive, unknown, other):
+    for folder in (dead, alive, own, unknown, other):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"x" * 1000)
     with caplog.at_level("WARNING", logger="secateurs"):
@@ -61,8 +62,9 @@ def test_leftovers_of_dead_runs_are_removed_others_reported(tmp_path, caplog):
     assert set(found) == {dead.name, alive.name, unknown.name}
     assert found[dead.name].removed and not dead.exists()
     assert not found[alive.name].removed and alive.exists() and not found[unknown.name].removed
-    assert all(f.bytes == 1000 for f in found.values()) and other.exists()
+    assert all(f.bytes == 1000 for f in found.values()) and other.exists() and own.exists()
     assert all(name in caplog.text for name in found) and "1,000 bytes" in caplog.text
+    assert own.name not in caplog.text
 
 
 def test_a_killed_replacement_restores_the_old_checkpoint(tmp_path, references):
