@@ -22,7 +22,7 @@ RELOAD = """
 import sys, torch
 from compress.loading import load_model
 model = load_model(sys.argv[1], dtype="auto").model
-ids = torch.load(sys.argv[2])
+ids = torch.load(sys.argv[2], weights_only=True)
 torch.save(model(input_ids=ids, use_cache=False).logits, sys.argv[3])
 """
 
@@ -63,7 +63,7 @@ def test_half_precision_round_trip_in_a_fresh_process(tmp_path, dtype):
         [sys.executable, "-c", RELOAD, str(ckpt), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
         check=True, cwd=ROOT, capture_output=True,
     )  # fmt: skip
-    fresh = torch.load(tmp_path / "logits.pt")
+    fresh = torch.load(tmp_path / "logits.pt", weights_only=True)
     with torch.no_grad():
         expected = memory.model(input_ids=ids, use_cache=False).logits
     assert fresh.dtype == dtype and torch.isfinite(fresh).all()
