@@ -32,6 +32,8 @@ def unadapted_architecture(source: str) -> str | None:
         names = json.loads(config.read_text()).get("architectures") or [None]
     except (OSError, ValueError, AttributeError):
         return None  # the loader reports a broken config.json with its own error
+    if not names[0]:
+        return None  # no architectures entry: the loader names the class, and the adapter lookup reports it
     return None if names[0] in ARCHS else str(names[0])
 
 

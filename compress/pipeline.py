@@ -66,13 +66,13 @@ def as_recipe(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str]
 def run(recipe: Recipe | str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunResult:
     """Run a recipe end to end and return the compressed model, its checkpoint folder and the report."""
     cfg = as_recipe(recipe, overrides)
+    out_dir = Path(cfg.output.dir)
+    prepare_output(out_dir, cfg.output.overwrite)
+    check_inputs(cfg)  # before any path is chosen: bad input is one line, whichever path would have run
     from compress.generic import run_unadapted, unadapted_architecture  # lazy: it builds on compress.api
 
     if name := unadapted_architecture(cfg.model):  # no adapter: quantize-only through the generic path
         return run_unadapted(cfg, name)
-    out_dir = Path(cfg.output.dir)
-    prepare_output(out_dir, cfg.output.overwrite)
-    check_inputs(cfg)
     clean_leftovers(out_dir)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -151,6 +151,7 @@ def run_streamed(cfg: Recipe, folder: Path, dtype: torch.dtype, export: str) -> 
     """:func:`run` one decoder layer at a time (``compress.stream``; no evaluation: it needs the whole model)."""
     out_dir = Path(cfg.output.dir)
     clock = time.perf_counter()
+    created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]  # deepest first
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = temp_sibling(out_dir)  # a crashed run's staging is a leftover the next run removes
     try:
@@ -211,6 +212,11 @@ def run_streamed(cfg: Recipe, folder: Path, dtype: torch.dtype, export: str) -> 
         )  # fmt: skip
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in created if not out_dir.exists() else []:  # a failed run leaves no folders it made
+            try:
+                parent.rmdir()
+            except OSError:
+                break
     log.info("checkpoint written to %s (reload max |Δlogit| = %.2e)", out_dir, report["reload_max_abs_logit_diff"])
     if cfg.output.push_to_hub:
         report["hub_url"] = push_to_hub(out_dir, cfg.output.push_to_hub)

@@ -83,9 +83,15 @@ def open_streamer(folder: Path, dtype: torch.dtype, staging: Path, device: str, 
     from transformers import AutoConfig
 
     from compress.adapters import arch_for
+    from compress.errors import one_line, shown
     from compress.stream.source import TensorSource, meta_skeleton
+    from quant.errors import InputError
 
-    config = AutoConfig.from_pretrained(str(folder))
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as err:  # transformers raises many types on a damaged or unknown config
+        why = f"{type(err).__name__}: {one_line(err, 120)}"
+        raise InputError(f"model {shown(source)} cannot be loaded: {why}") from None
     model = meta_skeleton(config, dtype)
     built: Any = model.config
     if not getattr(built, "architectures", None):
