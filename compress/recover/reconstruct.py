@@ -62,16 +62,22 @@ def _accumulate(
     if stop_at is not None:
         handles.append(stop_at.register_forward_pre_hook(stop))
     try:
-        for index, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
-            batch[0] = index
-            try:
-                layer(hidden, **kwargs)
-            except _Stop:
-                pass
+        _run_batches(layer, inputs, batch)
     finally:
         for h in handles:
             h.remove()
     return fit, holdout
+
+
+def _run_batches(layer: nn.Module, inputs: LayerInputs, batch: list[int]) -> None:
+    """Run ``layer`` on every mini-batch of ``inputs`` (``batch[0]`` = its index, for the hooks); a hook ends a
+    forward early by raising :class:`_Stop`."""
+    for index, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
+        batch[0] = index
+        try:
+            layer(hidden, **kwargs)
+        except _Stop:
+            pass
 
 
 def _refit(layer: nn.Module, path: str, fit: PairStats, holdout: PairStats, alphas: list[float]) -> dict[str, float]:
@@ -109,12 +115,7 @@ def _accumulate_block(
 
     handle = norm.register_forward_hook(grab)
     try:
-        for index, (h, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
-            batch[0] = index
-            try:
-                layer(h, **kwargs)
-            except _Stop:
-                pass
+        _run_batches(layer, inputs, batch)
     finally:
         handle.remove()
     return fit, holdout
