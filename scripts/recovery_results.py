@@ -69,6 +69,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results")
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--redo",
+        nargs="+",
+        default=[],
+        metavar="RATIO:STRUCTURE",
+        help="with --resume: measure these blocks again (e.g. 0.2:AL-AM after a budget change)",
+    )
     p.add_argument("--from-log", help="only render: add the rows an interrupted run printed to <out>/recovery.json")
     args = p.parse_args()
     if args.from_log:
@@ -82,12 +89,15 @@ def main() -> None:
     arch = arch_for(dense.config)
     record: dict[str, Any] = json.loads(path.read_text()) if args.resume and path.is_file() else {}
     record.pop("incomplete", None)
+    redo = {_block(float(r), st) for r, st in (item.split(":") for item in args.redo)}
+    record["rows"] = [r for r in record.get("rows", []) if _block(r["ratio"], r["structure"]) not in redo]
+    for key in redo:
+        record.get("block_settings", {}).pop(key, None)
     blocks: dict[str, Any] = record.setdefault("block_settings", {})
     for r in record.get("rows", []):  # rows of an earlier run keep that run's settings
         blocks.setdefault(_block(r["ratio"], r["structure"]), record.get("settings", {}))
     record["rows"] = [r for r in record.get("rows", []) if _complete(record, r["ratio"], r["structure"])]
     record.update({"settings": vars(args), "threads": torch.get_num_threads(), "cpu": platform.processor()})
-    record["machine_note"] = f"{os.cpu_count()} CPUs shared with other jobs during the run (timings are inflated)"
     rows: list[dict[str, Any]] = record.setdefault("rows", [])
 
     def ppl(model: torch.nn.Module) -> dict[str, float]:
@@ -152,6 +162,7 @@ def run_block(ctx: Context, ratio: float, structure: str) -> list[dict[str, Any]
 
     def add(name: str, model: torch.nn.Module, seconds: float, tokens: int, extra: dict[str, Any]) -> None:
         row = {"ratio": ratio, "structure": structure, "recovery": name, "seconds": round(seconds, 1)}
+        row["load"] = round(os.getloadavg()[0], 1)  # 1-minute load average when the row's chain finished
         row.update(tokens=tokens, prunable_removed=round(1 - prunable_parameters(model, arch) / prunable, 4))
         row.update(ppl=ctx.ppl(model), **extra)
         block.append(row)
@@ -212,8 +223,9 @@ def _write(out: Path, record: dict[str, Any]) -> None:
     record.setdefault("load_averages", []).append(round(os.getloadavg()[0], 1))
     loads = record["load_averages"]
     record["machine_note"] = (
-        f"{os.cpu_count()} CPUs shared with other jobs during the run: 1-minute load average {min(loads)}-"
-        f"{max(loads)} when rows were written, so the timings are several times those of an idle machine"
+        f"{os.cpu_count()} CPUs, shared with other jobs during parts of the run: 1-minute load average "
+        f"{min(loads)}-{max(loads)} when blocks were written (column `load`: when the row finished; above 2 the"
+        " row's time is inflated by the other jobs)"
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "recovery.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -244,8 +256,8 @@ def render(record: dict[str, Any]) -> str:
         f"Dense: web:eval PPL {dense.get('web:eval')}, prose:eval PPL {dense.get('prose:eval')}.",
         "",
         "| ratio | structure | recovery | removed | web PPL | web recovery | prose PPL | prose recovery | time s "
-        "| tokens | training |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| load | tokens | training |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = record.get("rows", [])
     for r in rows:
@@ -253,7 +265,7 @@ def render(record: dict[str, Any]) -> str:
         lines.append(
             f"| {r['ratio']:.0%} | {r['structure']} | {r['recovery']} | {r['prunable_removed']:.1%} | {web:.2f} | "
             f"{dense['web:eval'] / web:.3f} | {prose:.2f} | {dense['prose:eval'] / prose:.3f} | {r['seconds']:.0f} | "
-            f"{r['tokens']} | {_training(record, r)} |"
+            f"{r.get('load', '')} | {r['tokens']} | {_training(record, r)} |"
         )
     missing = [
         f"{ratio:.0%} {structure}" + (" (partial)" if any(_in_block(r, ratio, structure) for r in rows) else "")
