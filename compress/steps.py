@@ -49,7 +49,9 @@ def prune_step(step: PruneStep, ctx: StepContext) -> dict[str, Any]:
     if cfg.structure == "puzzle":
         assert cfg.puzzle is not None
         require_separate_projections(ctx.arch, "prune.structure: puzzle")
-        record = run_puzzle(ctx.model, ctx.arch, cfg.ratio, cfg.puzzle, ctx.calibration, ctx.batch_size)
+        record = run_puzzle(
+            ctx.model, ctx.arch, cfg.ratio, cfg.puzzle, ctx.calibration, ctx.batch_size, prune=cfg, device=ctx.device
+        )
     else:
         record = prune_model(ctx.model, ctx.arch, cfg, ctx.calibration, ctx.batch_size, ctx.device)
     record["config"] = cfg.model_dump(mode="json")

@@ -37,8 +37,11 @@ from compress.puzzle.library import (
     variant_params,
 )
 from compress.puzzle.milp import MilpSolution, solve_choice
+from compress.puzzle.recover import reconstruct_choice
 from compress.puzzle.score import dense_cache, score_sub_block
 from compress.recipe import PruneConfig
+from compress.recover.least_squares import RIDGE_GRID
+from quant.errors import InputError
 
 log = logging.getLogger("secateurs")
 
@@ -220,6 +223,11 @@ def apply_choice(
         layout = attention_layout(config, layer, arch)
         fit_on = inputs[index] if inputs is not None and v.linear else None
         realize_sub_block(layer, arch, layout, stats[index], units[index], v, fit_on, (config, index))
+    return choice_summary(chosen)
+
+
+def choice_summary(chosen: list[Variant]) -> dict[str, Any]:
+    """Per-layer provenance of the chosen variants: KV groups, MLP widths, no-op and linear sub-blocks."""
     attn, mlp = chosen[0::2], chosen[1::2]
     return {
         "kv_groups": [v.units for v in attn],
@@ -239,18 +247,37 @@ def run_puzzle(
     calibration: Tensor | None,
     batch_size: int = 8,
     dense_stats: list[LayerStats] | None = None,
+    prune: PruneConfig | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """The ``structure: puzzle`` prune step: remove ``ratio`` of the prunable decoder parameters (and meet the KV
-    and latency budgets) with the variants of least summed score; returns the provenance record."""
+    and latency budgets) with the variants of least summed score; returns the provenance record.
+
+    ``prune`` (the step's config) with ``reconstruct: least_squares`` realises the choice with least-squares
+    reconstruction on all of ``calibration`` (:mod:`compress.puzzle.recover`) instead of bias compensation."""
     if calibration is None:
         raise ValueError("puzzle needs calibration data")
+    least_squares = prune is not None and prune.reconstruct == "least_squares"
+    if prune is not None and prune.replacement != "constant":
+        raise InputError(
+            "prune.replacement: structure: puzzle chooses linear replacements itself (set puzzle.allow_linear)"
+        )
     stats = dense_stats or collect_statistics(model, arch, calibration, batch_size)
     ids = calibration[: cfg.samples, : cfg.seq_len]
     lib, cached = cached_library(model, arch, stats, ids, cfg, min(batch_size, 4))
     dense_params = count_parameters(model)
     budget = dense_params - ratio * prunable_parameters(model, arch) - lib.fixed_params
     sol = solve_budget(lib, cfg.score, budget, cfg.kv_cache_ratio, cfg.latency_ratio, cfg.time_limit)
-    record = apply_choice(model, arch, stats, lib, sol.choice, ids, min(batch_size, 4))
+    refit = None
+    if least_squares:
+        assert prune is not None
+        chosen = [lib.parsed(g)[v] for g, v in enumerate(sol.choice)]
+        units = module_units(model, arch, PruneConfig(method="flap"), stats)
+        alphas = RIDGE_GRID if prune.ridge is None else [prune.ridge]
+        refit = reconstruct_choice(model, arch, stats, units, chosen, calibration, alphas, batch_size, device)
+        record = choice_summary(chosen)
+    else:
+        record = apply_choice(model, arch, stats, lib, sol.choice, ids, min(batch_size, 4))
     realised = count_parameters(model)
     predicted = lib.fixed_params + int(sol.costs["params"])
     if realised != predicted:  # the solver's costs must be the realised model's
@@ -266,12 +293,14 @@ def run_puzzle(
             "score": cfg.score,
         },
         "library": {"cached": cached, **lib.timing},
-        "equivalent_prune_step": None  # linear maps fitted on the parent's stream: no prune step reproduces them
+        **({"refit_residual": refit} if refit is not None else {}),
+        "equivalent_prune_step": None  # linear maps fitted by the library: no prune step reproduces them
         if any(record["linear"])
         else {
             "method": "flap",
             "attn_groups": record["kv_groups"],
             "mlp_channels": record["intermediate_sizes"],
             "bias_compensation": True,
+            **({"reconstruct": "least_squares", "ridge": prune.ridge} if least_squares and prune else {}),
         },
     }
