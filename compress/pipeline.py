@@ -22,6 +22,7 @@ from compress.loading import _load_tokenizer, load_model, resolve_dtype, resolve
 from compress.metrics import count_parameters, prunable_parameters
 from compress.output_dir import clean_leftovers, temp_sibling
 from compress.recipe import (
+    DistillStep,
     EvaluationConfig,
     PruneStep,
     QuantizeStep,
@@ -31,6 +32,7 @@ from compress.recipe import (
     load_recipe_dict,
     parse_recipe,
 )
+from compress.recover.step import distill_windows
 from compress.report import report_markdown
 from compress.steps import StepContext, apply_step
 from compress.stream import not_streamable, open_streamer, stream_folder
@@ -170,15 +172,15 @@ def run_streamed(cfg: Recipe, folder: Path, dtype: torch.dtype, export: str) -> 
             calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, cfg.seed) if cfg.steps else None
         )
         probe = calibration[:2] if calibration is not None else tokenizer("Secateurs", return_tensors="pt").input_ids
-        records, hidden = stream_steps(streamer, cfg.steps, calibration, cal.batch_size, probe)
+        windows = [distill_windows(s.distill, tokenizer, cfg.seed) for s in cfg.steps if isinstance(s, DistillStep)]
+        records, hidden = stream_steps(streamer, cfg.steps, calibration, cal.batch_size, probe, windows, cfg.seed)
         summaries = []
         for step, record in zip(cfg.steps, records, strict=True):
             if isinstance(step, QuantizeStep):
                 storage = streamer.weight_storage()
                 record.update(storage, summary=f"quantize {step.quantize.dtypes} g{step.quantize.group_size} "
                               f"({storage['bits_per_weight']:.3f} bits/weight)")  # fmt: skip
-            else:
-                assert isinstance(step, PruneStep)
+            elif isinstance(step, PruneStep):
                 record["summary"] = f"{step.prune.method} {step.prune.structure} ratio={step.prune.ratio}"
             summaries.append({**record, "config": step_config(step)})
         timings["compress"] = time.perf_counter() - clock
@@ -225,8 +227,10 @@ def run_streamed(cfg: Recipe, folder: Path, dtype: torch.dtype, export: str) -> 
 
 def step_config(step: Step) -> dict[str, Any]:
     """The provenance ``config`` of a step (its inner config, as the step handlers record it)."""
-    inner = step.prune if isinstance(step, PruneStep) else step.quantize if isinstance(step, QuantizeStep) else None
-    return inner.model_dump(mode="json") if inner is not None else {}
+    for kind, name in ((PruneStep, "prune"), (QuantizeStep, "quantize"), (DistillStep, "distill")):
+        if isinstance(step, kind):
+            return dict(getattr(step, name).model_dump(mode="json"))
+    return {}
 
 
 def evaluate_against(

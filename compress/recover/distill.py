@@ -154,17 +154,43 @@ def distill_blocks(
     ) -> tuple[list[Tensor], list[Tensor]]:
         with torch.no_grad():
             targets = run_layer(parent, dense_in)
-        source = dense_in if inputs == "dense" else compressed_in
-        before, after = train_block(layer, arch, source, targets, settings, seed + index)
-        records.append({"loss_before": before, "loss_after": after})
+        record, compressed_out = distill_layer(
+            index, layer, arch, dense_in, targets, compressed_in, settings, seed, inputs
+        )
+        records.append(record)
         if progress is not None:
-            progress(index, before, after)
-        with torch.no_grad():
-            compressed_out = run_layer(layer, compressed_in)
+            progress(index, record["loss_before"], record["loss_after"])
+        assert compressed_out is not None
         return targets, compressed_out
 
     calibrate_paired(teacher, student, arch, input_ids, visit, batch_size, device, "block distillation")
     return records
+
+
+def distill_layer(
+    index: int,
+    layer: nn.Module,
+    arch: Arch,
+    dense_in: LayerInputs,
+    targets: list[Tensor],
+    compressed_in: LayerInputs | None,
+    settings: TrainSettings,
+    seed: int,
+    inputs: Literal["dense", "compressed"] = "dense",
+) -> tuple[dict[str, float], list[Tensor] | None]:
+    """Decoder layer ``index`` of :func:`distill_blocks` (in memory, or streamed by ``compress.stream``): train
+    ``layer`` to reproduce ``targets`` (its dense parent's outputs on ``dense_in``) from ``dense_in`` or
+    ``compressed_in`` (``inputs``), with seed ``seed + index``. Returns ({"loss_before", "loss_after"}, the
+    trained layer's outputs on ``compressed_in``: the next layer's compressed inputs; None without it)."""
+    source = dense_in if inputs == "dense" else compressed_in
+    if source is None:
+        raise ValueError("distill: inputs: compressed needs the compressed stream")
+    before, after = train_block(layer, arch, source, targets, settings, seed + index)
+    compressed_out = None
+    if compressed_in is not None:
+        with torch.no_grad():
+            compressed_out = run_layer(layer, compressed_in)
+    return {"loss_before": before, "loss_after": after}, compressed_out
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -233,6 +233,35 @@ def reconstruct_layer(
     return dense_out, compressed_out, errors
 
 
+def ridge_alphas(alpha: float | list[float]) -> list[float]:
+    """The ridge grid of a ``reconstruct_model`` ``alpha``: one value, or the grid to choose from."""
+    return [alpha] if isinstance(alpha, int | float) else list(alpha)
+
+
+def reconstruct_at(
+    index: int,
+    layer: nn.Module,
+    config: Any,
+    arch: Arch,
+    attn_keep: Tensor,
+    mlp_keep: Tensor,
+    alphas: list[float],
+    stats: LayerStats | None,
+    dense_in: LayerInputs,
+    compressed_in: LayerInputs,
+    linear_rank: int | None = None,
+) -> tuple[list[Tensor], list[Tensor], dict[str, dict[str, float]]]:
+    """Decoder layer ``index`` of :func:`reconstruct_model` (in memory, or streamed by ``compress.stream``):
+    ``layer`` is still dense; ``stats`` its dense statistics (the means of a removed sub-block's constant).
+    Returns (dense-stream outputs, compressed-stream outputs, {sub-block: refit record})."""
+    means = (stats["o"].mean, stats["down"].mean) if stats is not None else (None, None)
+    layout = attention_layout(config, layer, arch)
+    linear = None if linear_rank is None else (config, index, linear_rank)
+    return reconstruct_layer(
+        layer, arch, layout, attn_keep, mlp_keep, dense_in, compressed_in, alphas, means, linear=linear
+    )
+
+
 def reconstruct_model(
     model: nn.Module,
     arch: Arch,
@@ -251,27 +280,16 @@ def reconstruct_model(
     ``alpha``: the ridge, or a grid to choose it from per consumer on held-out calibration mini-batches.
     ``linear_rank``: None = removed sub-blocks become constants; 0 = full-rank linear replacements; r = rank r."""
     config = model_config(model)
-    alphas = [alpha] if isinstance(alpha, int | float) else list(alpha)
+    alphas = ridge_alphas(alpha)
     records: list[dict[str, dict[str, float]]] = []
 
     def visit(
         index: int, _dense: nn.Module, layer: nn.Module, dense_in: LayerInputs, compressed_in: LayerInputs
     ) -> tuple[list[Tensor], list[Tensor]]:
-        st = stats[index]
-        means = (st["o"].mean, st["down"].mean) if st is not None else (None, None)
-        layout = attention_layout(config, layer, arch)
-        dense_out, compressed_out, errors = reconstruct_layer(
-            layer,
-            arch,
-            layout,
-            attn_keep[index],
-            mlp_keep[index],
-            dense_in,
-            compressed_in,
-            alphas,
-            means,
-            linear=None if linear_rank is None else (config, index, linear_rank),
-        )
+        dense_out, compressed_out, errors = reconstruct_at(
+            index, layer, config, arch, attn_keep[index], mlp_keep[index], alphas, stats[index], dense_in,
+            compressed_in, linear_rank,
+        )  # fmt: skip
         records.append(errors)
         if progress is not None:
             progress(index, errors)

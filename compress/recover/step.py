@@ -6,9 +6,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from torch import Tensor
+
 from compress.checkpoint import tensor_sha256
 from compress.corpus import calibration_batches, corpus_fingerprint
-from compress.recipe import DistillStep
+from compress.recipe import DistillConfig, DistillStep
 from compress.recover.distill import TrainSettings, distill_blocks, distill_global
 from quant.errors import InputError
 
@@ -32,7 +34,7 @@ def distill_step(step: DistillStep, ctx: StepContext) -> dict[str, Any]:
     teacher = load_model(ctx.source, dtype=dtype, device=device).model.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    ids = calibration_batches(ctx.tokenizer, cfg.data, cfg.samples, cfg.seq_len, ctx.seed + 1)
+    ids = distill_windows(cfg, ctx.tokenizer, ctx.seed)
     block_settings = TrainSettings(cfg.steps, cfg.lr, cfg.train, cfg.lora_rank, cfg.weight_decay)
 
     def block_progress(index: int, before: float, after: float) -> None:
@@ -68,16 +70,34 @@ def distill_step(step: DistillStep, ctx: StepContext) -> dict[str, Any]:
         )
     del teacher
     ctx.model.eval()
+    return distill_record(cfg, ctx.source, ids, blocks, global_losses, time.perf_counter() - clock)
+
+
+def distill_record(
+    cfg: DistillConfig,
+    parent: str,
+    ids: Tensor,
+    blocks: list[dict[str, float]],
+    global_losses: list[float],
+    seconds: float,
+) -> dict[str, Any]:
+    """The provenance record of a distill step (in memory or streamed): settings, data and token hashes, loss
+    per block and per KD step."""
     kd_tokens = min(cfg.samples, cfg.global_steps * cfg.batch_size) * cfg.seq_len if cfg.global_steps else 0
     return {
         "config": cfg.model_dump(mode="json"),
-        "parent": ctx.source,
+        "parent": parent,
         "data_sha256": corpus_fingerprint(cfg.data),
         "tokens_sha256": tensor_sha256(ids),
         "tokens": int(ids.numel()) if cfg.steps > 0 else kd_tokens,
         "block_loss": blocks,
         "global_loss": global_losses,
-        "seconds": round(time.perf_counter() - clock, 2),
+        "seconds": round(seconds, 2),
         "summary": f"distill BLD {cfg.steps} steps/layer ({cfg.train}, lr {cfg.lr}), global KD {cfg.global_steps} "
         f"steps, {cfg.samples}x{cfg.seq_len} tokens of {cfg.data}",
     }
+
+
+def distill_windows(cfg: DistillConfig, tokenizer: Any, seed: int) -> Tensor:
+    """The distill step's training windows [samples, seq_len] (seed + 1: not the calibration windows)."""
+    return calibration_batches(tokenizer, cfg.data, cfg.samples, cfg.seq_len, seed + 1)

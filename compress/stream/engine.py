@@ -10,8 +10,13 @@ one, so that every step sees exactly the inputs the in-memory path gives it (bit
   own stream through the already-pruned layers), quantize it (activation-aware: from its own stream through the
   already pruned-and-quantized layers), run the probe stream through it (for the reload check), stage it, free it.
 
-Streamable: one prune step (first; not puzzle, not least-squares reconstruction) and quantize steps. NAS and
-distill steps hold or train several layers at once and run in memory (``compress.pipeline`` decides).
+* recovery (``compress.stream.recover``): least-squares reconstruction inside the prune step walks its dense and
+  compressed calibration streams; a distill step takes its targets from layer i while it is still dense, then
+  trains the compressed layer.
+
+Streamable: one prune step (first; not puzzle), distill steps without global KD (the recipe puts them before
+the quantize steps) and quantize steps. NAS steps and global KD hold or train several layers at once and run in memory
+(``compress.pipeline`` decides).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from compress.calibration import _watch_inputs as watch_inputs
 from compress.prune.allocate import top_units
 from compress.prune.pruner import _apply, _module_units, _watch, mask_summary, masks_from_units, needs_statistics
 from compress.quantize import _quantize_layer, _representative, target_paths
-from compress.recipe import PruneConfig, PruneStep, QuantizeConfig, QuantizeStep, Step
+from compress.recipe import DistillStep, PruneConfig, PruneStep, QuantizeConfig, QuantizeStep, Step
+from compress.stream.recover import LayerDistill, LayerRefit
 from compress.stream.source import TensorSource, materialize, release
 from compress.stream.writer import TensorEntry, header_bytes
 from compress.verify import check_finite
@@ -60,8 +66,9 @@ def not_streamable(steps: list[Step], export: str) -> str | None:
                 return f"steps.{index}: a prune step streams only as the first step"
             if cfg.structure == "puzzle":
                 return f"steps.{index}: structure: puzzle scores whole-model variants"
-            if cfg.reconstruct == "least_squares":
-                return f"steps.{index}: least-squares reconstruction walks two models"
+        elif isinstance(step, DistillStep):
+            if step.distill.global_steps > 0:
+                return f"steps.{index}: distill global_steps (global KD) backpropagates through every layer at once"
         elif not isinstance(step, QuantizeStep):
             return f"steps.{index}: a {type(step).__name__.removesuffix('Step').lower()} step holds several layers"
     return None
@@ -226,9 +233,12 @@ def stream_steps(
     calibration: Tensor | None,
     batch_size: int,
     probe: Tensor,
+    distill_ids: list[Tensor] | None = None,
+    seed: int = 0,
 ) -> tuple[list[dict[str, Any]], Tensor]:
     """Apply ``steps`` layer by layer (see the module docstring); returns the step records and the probe's final
-    hidden states [n, L, hidden] through the compressed layers (for the reload check)."""
+    hidden states [n, L, hidden] through the compressed layers (for the reload check). ``distill_ids``: the
+    training windows of each distill step, in order (``compress.recover.step.distill_windows`` under ``seed``)."""
     arch, config = streamer.arch, model_config(streamer.model)
     hidden = int(config.hidden_size)
     prune = steps[0].prune if steps and isinstance(steps[0], PruneStep) else None
@@ -240,19 +250,27 @@ def stream_steps(
     mlp_keep: list[Tensor] = []
     if prune is not None:
         stats, attn_keep, mlp_keep = prune_pre_pass(streamer, prune, calibration, batch_size)
-    progressive = prune is not None and prune.statistics == "progressive" and needs_statistics(prune)
-    wants = progressive or any(q.activation_aware for q in quants)
+    refit = prune is not None and prune.reconstruct == "least_squares"
+    progressive = not refit and prune is not None and prune.statistics == "progressive" and needs_statistics(prune)
+    wants = progressive or refit or any(q.activation_aware for q in quants)
     if wants and calibration is None:
         raise ValueError("an activation-aware step needs calibration data")
     start = streamer.capture(calibration, batch_size) if wants and calibration is not None else None
     prune_stream = start if progressive else None
+    ls = LayerRefit.start(streamer, prune, (stats, attn_keep, mlp_keep), start) if prune and refit and start else None
+    distills = [step.distill for step in steps if isinstance(step, DistillStep)]
+    blds = [LayerDistill.start(streamer, d, ids, seed) for d, ids in zip(distills, distill_ids or [], strict=True)]
     quant_streams = [start if q.activation_aware else None for q in quants]
     probe_stream = streamer.capture(probe, batch_size)
     watch = _watch(arch)
     for index in range(len(streamer.layers)):
         clock = time.perf_counter()
         layer = streamer.load(index)
-        if prune is not None:
+        for bld in blds:
+            bld.observe(index, layer)  # still dense: the targets
+        if ls is not None:
+            ls.apply(index, layer)
+        elif prune is not None:
             layout = attention_layout(config, layer, arch)
             if prune_stream is not None:
                 prune_stream = prune_stream.for_layer(index)
@@ -265,6 +283,8 @@ def stream_steps(
                 prune_stream = prune_stream.passed_on(run_layer(layer, prune_stream))
             else:
                 _apply(layer, arch, prune, layout, stats[index], attn_keep[index], mlp_keep[index])
+        for bld in blds:
+            bld.apply(index, arch, layer)
         for k, qcfg in enumerate(quants):
             stream = quant_streams[k]
             stream = stream.for_layer(index) if stream is not None else None
@@ -283,9 +303,14 @@ def stream_steps(
         streamer.seconds.append(time.perf_counter() - clock)
         log.info("layer %d/%d compressed and staged: %.1f s", index + 1, len(streamer.layers), streamer.seconds[-1])
     quant_index = 0
+    finished = iter(blds)
     for index, step in enumerate(steps):
         if isinstance(step, PruneStep):
             records[index] = {"method": step.prune.method, **mask_summary(attn_keep, mlp_keep)}
+            if ls is not None:
+                records[index]["refit_residual"] = ls.records
+        elif isinstance(step, DistillStep):
+            records[index] = next(finished).record(streamer.source_name)
         elif isinstance(step, QuantizeStep):
             records[index] = {"modules": modules[quant_index]}
             quant_index += 1

@@ -106,8 +106,8 @@ def test_failure_leaves_nothing_behind(model_dir, tmp_path, monkeypatch):
 def test_stream_true_names_what_prevents_it(model_dir, tmp_path):
     with pytest.raises(InputError, match="evaluation needs the whole model"):
         _run(model_dir, tmp_path / "a", STEPS["awq"], stream=True, evaluation={"lm_eval": None})
-    distill = [{"prune": {"ratio": 0.3}}, {"distill": {"samples": 2}}]
-    with pytest.raises(InputError, match="steps.1: a distill step"):
+    distill = [{"prune": {"ratio": 0.3}}, {"distill": {"samples": 2, "global_steps": 1}}]
+    with pytest.raises(InputError, match=r"steps.1: distill global_steps \(global KD\)"):
         _run(model_dir, tmp_path / "b", distill, stream=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
