@@ -14,7 +14,7 @@ from torch import nn
 
 from compress.adapters import arch_for
 from compress.checkpoint import load_checkpoint_model, prepare_output, push_to_hub, tensor_sha256, write_checkpoint
-from compress.corpus import calibration_batches, corpus_fingerprint, load_documents
+from compress.corpus import calibration_batches, corpus_fingerprint, load_documents, mixture_parts
 from compress.eval_cache import cached_evaluation
 from compress.evaluate import comparison_rows, evaluate_model
 from compress.lm_tasks import resolve_tasks
@@ -279,8 +279,9 @@ def check_inputs(cfg: Recipe) -> None:
     (loading, evaluation, calibration). Cheap checks first: resolving the model may convert a GGUF file."""
     if cfg.evaluation is not None and cfg.evaluation.lm_eval is not None:
         resolve_tasks(cfg.evaluation.lm_eval.tasks)
-    if cfg.steps:
-        load_documents(cfg.calibration.data)
+    if cfg.steps:  # a mixture (calibration/training data only) is checked part by part
+        for source, _ in mixture_parts(cfg.calibration.data) or ((cfg.calibration.data, 1.0),):
+            load_documents(source)
     if cfg.evaluation is not None and cfg.evaluation.perplexity is not None:
         for text in [cfg.evaluation.perplexity, *cfg.evaluation.more_perplexity]:
             load_documents(text.data)

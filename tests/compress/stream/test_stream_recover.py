@@ -15,7 +15,7 @@ from quant.errors import InputError
 from tests.conftest import build_tiny
 from tests.tiny_tokenizer import build_tiny_tokenizer
 
-CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
+CALIBRATION = {"data": "mix:calibration", "samples": 8, "seq_len": 32, "batch_size": 4}  # a mixture, as the recipes
 LS = {"prune": {"ratio": 0.3, "reconstruct": "least_squares"}}
 BLD = {"data": "web:calibration", "samples": 4, "seq_len": 16, "batch_size": 2, "steps": 3}
 
@@ -139,3 +139,11 @@ def test_least_squares_with_progressive_statistics_is_refused_streamed_too(model
     steps = [{"prune": {"ratio": 0.3, "reconstruct": "least_squares", "statistics": "progressive"}}]
     with pytest.raises(InputError, match="least_squares needs statistics: dense"):
         _run(model_dir, tmp_path / "out", steps, stream=True)
+
+
+def test_an_unreadable_part_of_a_calibration_mixture_is_one_line_before_any_work(model_dir, tmp_path):
+    recipe = {"model": str(model_dir), "calibration": {**CALIBRATION, "data": f"web:calibration*1+{tmp_path}/no.txt*1"},
+              "steps": [LS], "output": {"dir": str(tmp_path / "out")}, "evaluation": None}  # fmt: skip
+    with pytest.raises(InputError, match="no.txt does not exist"):
+        run(recipe)
+    assert not (tmp_path / "out").exists()
