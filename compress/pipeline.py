@@ -279,8 +279,9 @@ def check_inputs(cfg: Recipe) -> None:
     (loading, evaluation, calibration). Cheap checks first: resolving the model may convert a GGUF file."""
     if cfg.evaluation is not None and cfg.evaluation.lm_eval is not None:
         resolve_tasks(cfg.evaluation.lm_eval.tasks)
-    if cfg.steps:  # a mixture (calibration/training data only) is checked part by part
-        for source, _ in mixture_parts(cfg.calibration.data) or ((cfg.calibration.data, 1.0),):
+    training = [s.distill.data for s in cfg.steps if isinstance(s, DistillStep)]
+    for data in [cfg.calibration.data, *training] if cfg.steps else []:  # a mixture: part by part
+        for source, _ in mixture_parts(data) or ((data, 1.0),):
             load_documents(source)
     if cfg.evaluation is not None and cfg.evaluation.perplexity is not None:
         for text in [cfg.evaluation.perplexity, *cfg.evaluation.more_perplexity]:

@@ -147,3 +147,14 @@ def test_an_unreadable_part_of_a_calibration_mixture_is_one_line_before_any_work
     with pytest.raises(InputError, match="no.txt does not exist"):
         run(recipe)
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_distill_data_is_one_line_before_any_work(model_dir, tmp_path, monkeypatch):
+    def loading(*_args):
+        raise AssertionError("the model was opened before the data were checked")
+
+    monkeypatch.setattr("compress.pipeline.open_streamer", loading)
+    steps = [LS, {"distill": {**BLD, "data": f"{tmp_path}/none.txt"}}]
+    with pytest.raises(InputError, match="none.txt does not exist"):
+        _run(model_dir, tmp_path / "out", steps, stream=True)
+    assert not (tmp_path / "out").exists()
