@@ -25,6 +25,8 @@ from compress.evaluate import lm_eval_tasks
 from compress.loading import load_model, resolve_dtype, resolve_source
 from compress.metrics import Probe, measure, metric
 from compress.prune.pruner import needs_statistics
+from compress.puzzle.config import PuzzleConfig
+from compress.puzzle.step import run_puzzle
 from compress.recipe import LmEvalConfig, NasStep, PerplexityConfig, PruneStep, QuantizeStep, Recipe
 from compress.steps import StepContext, apply_step
 from quant.errors import InputError
@@ -79,6 +81,14 @@ class Session:
         for index, step in enumerate(recipe.steps):
             if isinstance(step, NasStep):
                 raise InputError(f"steps.{index}: a nas step cannot be part of a search candidate (search its space)")
+            if isinstance(step, PruneStep) and step.prune.structure == "puzzle" and built is None:
+                built = Built(self.cache.copy(), [])  # Puzzle-MIP on the session's statistics (library cached)
+                record = run_puzzle(
+                    built.model, self.arch, step.prune.ratio, step.prune.puzzle or PuzzleConfig(),
+                    self.cache.calibration, recipe.calibration.batch_size, self.cache.stats, step.prune, recipe.device,
+                )  # fmt: skip
+                built.steps.append({"summary": "puzzle (session, dense statistics)", **record})
+                continue
             cached_prune = isinstance(step, PruneStep) and (
                 step.prune.statistics == "dense" or not needs_statistics(step.prune)
             )

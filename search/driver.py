@@ -26,7 +26,7 @@ from compress.recipe import PruneConfig, PruneStep, Recipe
 from quant.errors import InputError
 from search.config import SearchRecipe
 from search.samplers import build_sampler
-from search.seeds import Allocation, check_point, seed_params
+from search.seeds import Allocation, PuzzleAllocation, check_point, seed_params
 from search.space import ModelShape, distributions, first_step, overlay
 from search.storage import open_storage, shown_url, worker_index
 from search.trial import FINISHED, Evaluator, TrialObjective
@@ -75,6 +75,26 @@ def session_allocation(session: Evaluator, base: Recipe) -> Allocation | None:
     return widths
 
 
+def puzzle_allocation(session: Evaluator, base: Recipe) -> PuzzleAllocation | None:
+    """Puzzle-MIP widths at a ratio (``kind: puzzle`` seeds) from the session's dense model, statistics and
+    calibration (the base prune step's ``puzzle`` settings, else the defaults); None for an evaluator without a
+    dense-model cache (the seed is then skipped with a log line)."""
+    cache = getattr(session, "cache", None)
+    if cache is None or not hasattr(cache, "dense"):
+        return None
+    from compress.puzzle.config import PuzzleConfig
+    from compress.puzzle.step import puzzle_widths
+
+    prune = first_step(base, PruneStep)
+    default = prune.prune.puzzle if prune is not None and prune.prune.puzzle is not None else PuzzleConfig()
+
+    def widths(ratio: float, settings: PuzzleConfig | None) -> tuple[list[int], list[int]]:
+        cfg = settings if settings is not None else default
+        return puzzle_widths(cache.dense, cache.arch, cache.stats, cache.calibration, cfg, ratio)
+
+    return widths
+
+
 def _wait_for_attr(study: Study, key: str, seconds: float = 10.0) -> Any:
     """The creator sets the study's attributes right after creating it; a worker that loses the race waits."""
     deadline = time.monotonic() + seconds
@@ -118,6 +138,7 @@ def enqueue_seeds(
     dists: dict[str, BaseDistribution],
     alloc: Allocation | None,
     created: bool,
+    puzzle: PuzzleAllocation | None = None,
 ) -> int:
     """Enqueue the recipe's seeds once per study: by the worker that created it (a worker that died between the
     two leaves the study unseeded, which costs the sampler a head start, not a trial)."""
@@ -125,7 +146,7 @@ def enqueue_seeds(
         return 0
     points = []
     for index, seed in enumerate(recipe.search.seeds):
-        params = seed_params(seed, recipe.search.space, shape, dists, recipe.base, alloc)
+        params = seed_params(seed, recipe.search.space, shape, dists, recipe.base, alloc, puzzle)
         if params is not None:
             check_point(params, dists, f"search.seeds.{index}")
             points.append((seed.label(params.get("ratio", seed.ratio or 0.0)), params))
@@ -204,7 +225,8 @@ def run_search(
     check_overlay(recipe, dists, shape)
     rdb = open_storage(url, cfg.heartbeat)  # only now: a rejected model or space leaves no study database behind
     study, created = open_study(recipe, rdb, shape)
-    enqueued = enqueue_seeds(study, recipe, shape, dists, session_allocation(session, recipe.base), created)
+    alloc, puzzle = session_allocation(session, recipe.base), puzzle_allocation(session, recipe.base)
+    enqueued = enqueue_seeds(study, recipe, shape, dists, alloc, created, puzzle)
     existing = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
     seed = cfg.sampler.seed if cfg.sampler.seed is not None else recipe.base.seed
     # the seed moves with the study's state and the worker, so a resumed or parallel worker does not replay

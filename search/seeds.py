@@ -4,6 +4,9 @@
 - ``flap-adaptive``: the widths FLAP's global allocation (AL-AM) gives at ``ratio``. In a ``keep`` space they
   come from the session's allocation on the dense statistics; in a ``ratio``/``structure`` space the seed is
   simply ``structure: AL-AM``.
+- ``puzzle``: the widths of the Puzzle-MIP choice at ``ratio`` (``compress.puzzle``: the replace-one-block
+  library of the session's dense model, scored once and cached, and the exact integer program) in a ``keep`` space;
+  the base prune step's ``puzzle`` settings (library grid, scores) apply when it has them.
 - ``params``: any explicit point, e.g. the best trial of an earlier study.
 
 Every searched parameter gets a value, so a seed is one definite candidate (no part of it is sampled).
@@ -19,6 +22,7 @@ from typing import Any, Literal
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from pydantic import Field, model_validator
 
+from compress.puzzle.config import PuzzleConfig
 from compress.recipe import PruneStep, QuantizeStep, Recipe, Strict
 from quant.errors import InputError
 from search.space import ModelShape, SpaceConfig, block_label, first_step, layer_blocks
@@ -27,16 +31,19 @@ log = logging.getLogger("secateurs")
 
 # ratio → (kept KV groups, kept MLP channels) per layer under FLAP's global allocation; None if unavailable
 Allocation = Callable[[float], tuple[list[int], list[int]] | None]
+# (ratio, library settings or None for the base recipe's) → the Puzzle-MIP choice's widths
+PuzzleAllocation = Callable[[float, PuzzleConfig | None], tuple[list[int], list[int]]]
 
 
 class SeedConfig(Strict):
     """One enqueued point: ``{kind: uniform, ratio: 0.2}``, ``{kind: flap-adaptive, ratio: 0.3, bits: 4}`` or
     ``{kind: params, params: {...}}``. ``ratio`` defaults to the base recipe's prune ratio."""
 
-    kind: Literal["uniform", "flap-adaptive", "params"]
+    kind: Literal["uniform", "flap-adaptive", "puzzle", "params"]
     ratio: float | None = Field(None, ge=0.0, lt=1.0)
     bits: Literal[3, 4, 8] | None = None
     params: dict[str, Any] | None = None
+    puzzle: PuzzleConfig | None = Field(None, description="kind puzzle: library settings (default: the base's)")
 
     @model_validator(mode="after")
     def _params_iff_kind(self) -> SeedConfig:
@@ -90,14 +97,19 @@ def seed_params(
     dists: dict[str, BaseDistribution],
     base: Recipe,
     allocation: Allocation | None = None,
+    puzzle: PuzzleAllocation | None = None,
 ) -> dict[str, Any] | None:
-    """The full parameter point of ``seed``; None (with a log line) when it cannot be built in this space."""
+    """The full parameter point of ``seed``; None (with a log line) when it cannot be built in this space.
+    ``allocation`` gives FLAP's widths at a ratio, ``puzzle`` the Puzzle-MIP's."""
     if seed.params is not None:
         return dict(seed.params)
     ratio = seed.ratio if seed.ratio is not None else base_ratio(base)
     params: dict[str, Any] = {}
     if "ratio" in dists:
         params["ratio"] = _clip(ratio, dists["ratio"])
+    if seed.kind == "puzzle" and space.keep is None:
+        log.warning("seed puzzle: needs a keep (per-layer widths) space; seed skipped")
+        return None
     if "structure" in dists:
         wanted = "UL-UM" if seed.kind == "uniform" else "AL-AM"
         if wanted not in dists["structure"].choices:  # type: ignore[attr-defined]
@@ -105,9 +117,12 @@ def seed_params(
             return None
         params["structure"] = wanted
     if space.keep is not None:
-        widths = _seed_widths(seed.kind, ratio, shape, allocation)
+        if seed.kind == "puzzle":
+            widths = puzzle(ratio, seed.puzzle) if puzzle is not None else None
+        else:
+            widths = _seed_widths(seed.kind, ratio, shape, allocation)
         if widths is None:
-            log.warning("seed %s: the session offers no FLAP allocation; seed skipped", seed.kind)
+            log.warning("seed %s: the session offers no %s allocation; seed skipped", seed.kind, seed.kind)
             return None
         params.update(_block_widths(widths, shape, space, dists))
     if space.bits is not None:

@@ -6,6 +6,8 @@ Parameter names say what they set, so that a trial reads on its own (and in optu
 |---------------------------|--------------------------------|-------------------------------------------------------|
 | ``ratio``                 | float [low, high] (step)       | ``prune.ratio`` (global allocation)                   |
 | ``structure``             | categorical AL-AM, UL-UM, ...  | ``prune.structure`` (FLAP mode)                       |
+| ``kv_cache_ratio``        | float [low, high] (step)       | ``prune.puzzle.kv_cache_ratio`` (Puzzle budget)       |
+| ``latency_ratio``         | float [low, high] (step)       | ``prune.puzzle.latency_ratio`` (Puzzle budget)        |
 | ``attn_groups.L4-7``      | int, KV groups kept per layer  | ``prune.attn_groups[4..7]``                           |
 | ``mlp_channels.L4-7``     | int, multiple of ``mlp_step``  | ``prune.mlp_channels[4..7]``                          |
 | ``attn_skip.L20``         | categorical False/True         | ``prune.attn_groups[20] = 0`` (sub-block removed)     |
@@ -35,6 +37,7 @@ from search.space_config import BitsSpace, FloatRange, KeepSpace, SpaceConfig
 __all__ = ["BitsSpace", "FloatRange", "KeepSpace", "ModelShape", "SpaceConfig", "distributions", "overlay", "suggest"]
 
 StepT = TypeVar("StepT", PruneStep, QuantizeStep)
+PUZZLE_BUDGETS = ("kv_cache_ratio", "latency_ratio")  # space fields that set prune.puzzle.<name>
 
 
 
@@ -92,6 +95,10 @@ def distributions(space: SpaceConfig, shape: ModelShape) -> dict[str, BaseDistri
         dists["ratio"] = FloatDistribution(space.ratio.low, space.ratio.high, step=space.ratio.step)
     if space.structure is not None:
         dists["structure"] = CategoricalDistribution(space.structure)
+    for name in PUZZLE_BUDGETS:
+        budget = getattr(space, name)
+        if budget is not None:
+            dists[name] = FloatDistribution(max(budget.low, 1e-3), budget.high, step=budget.step)
     if space.keep is not None:
         dists.update(_keep_distributions(space.keep, shape))
     if space.bits is not None:
@@ -146,6 +153,12 @@ def check_base(space: SpaceConfig, base: Recipe) -> None:
     """The base recipe must have the steps the space overlays."""
     if space.prunes and first_step(base, PruneStep) is None:
         raise InputError("search.space: prunes (ratio/structure/keep) but the recipe has no prune step to overlay")
+    prune = first_step(base, PruneStep)
+    if any(getattr(space, n) is not None for n in PUZZLE_BUDGETS) and (
+        prune is None or prune.prune.structure != "puzzle"
+    ):
+        raise InputError("search.space: kv_cache_ratio / latency_ratio are Puzzle budgets: the base prune step needs "
+                         "structure: puzzle")  # fmt: skip
     if space.quantizes and first_step(base, QuantizeStep) is None:
         raise InputError("search.space: quantizes (bits/group_size) but the recipe has no quantize step to overlay")
 
@@ -215,6 +228,9 @@ def overlay(
             prune["ratio"] = float(params["ratio"])
         if "structure" in params:
             prune["structure"] = params["structure"]
+        for name in PUZZLE_BUDGETS:
+            if name in params:
+                prune["puzzle"] = {**(prune.get("puzzle") or {}), name: float(params[name])}
         counts = keep_counts(params, shape)
         if counts is not None:
             prune["attn_keep"], prune["mlp_keep"] = None, None
@@ -235,6 +251,7 @@ def summarize(params: dict[str, Any], shape: ModelShape) -> str:
         parts.append(f"ratio {params['ratio']:.3g}")
     if "structure" in params:
         parts.append(str(params["structure"]))
+    parts += [f"{name.split('_')[0]}≤{params[name]:.3g}" for name in PUZZLE_BUDGETS if name in params]
     counts = keep_counts(params, shape)
     if counts is not None:
         attn, mlp = counts

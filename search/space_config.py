@@ -76,25 +76,32 @@ class BitsSpace(Strict):
 
 class SpaceConfig(Strict):
     """Either a global allocation (``ratio``, ``structure``) or explicit per-layer widths (``keep``), plus
-    optional quantization dimensions (``bits``, ``group_size``)."""
+    optional quantization dimensions (``bits``, ``group_size``). With a ``structure: puzzle`` base prune step the
+    trials pick budgets (``ratio`` and the Puzzle KV-cache / latency ratios) and the integer program picks the
+    architecture."""
 
     ratio: FloatRange | None = None
     structure: list[Structure] | None = Field(None, min_length=1)
+    kv_cache_ratio: FloatRange | None = Field(None, description="Puzzle: max fraction of the dense KV cache")
+    latency_ratio: FloatRange | None = Field(None, description="Puzzle: max fraction of the dense sub-block latency")
     keep: KeepSpace | None = None
     bits: BitsSpace | None = None
     group_size: list[int] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _coherent(self) -> SpaceConfig:
-        if not any((self.ratio, self.structure, self.keep, self.bits, self.group_size)):
+        budgets = (self.kv_cache_ratio, self.latency_ratio)
+        if not any((self.ratio, self.structure, self.keep, self.bits, self.group_size, *budgets)):
             raise ValueError("the space is empty: give ratio, structure, keep, bits or group_size")
-        if self.keep is not None and (self.ratio is not None or self.structure is not None):
-            raise ValueError("keep (per-layer widths) replaces the global allocation: drop ratio/structure")
+        if self.keep is not None and (self.ratio is not None or self.structure is not None or any(budgets)):
+            raise ValueError("keep (per-layer widths) replaces the global allocation: drop ratio/structure/budgets")
         return self
 
     @property
     def prunes(self) -> bool:
-        return any(x is not None for x in (self.ratio, self.structure, self.keep))
+        return any(
+            x is not None for x in (self.ratio, self.structure, self.keep, self.kv_cache_ratio, self.latency_ratio)
+        )
 
     @property
     def quantizes(self) -> bool:

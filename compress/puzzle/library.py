@@ -15,6 +15,7 @@ KV-cache bytes per token (2·k·d_h values) and, when measured, latency of the s
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -228,3 +229,24 @@ def time_sub_block(layer: nn.Module, arch: Arch, kind: str, hidden: Tensor, kwar
         run()
         times.append(time.perf_counter() - clock)
     return statistics.median(times)
+
+
+def measure_latency(
+    model: nn.Module,
+    arch: Arch,
+    stats: list[LayerStats],
+    units: list[tuple[ModuleUnits, ModuleUnits]],
+    groups: list[list[Variant]],
+    inputs: Any,
+) -> dict[Variant, float]:
+    """Seconds of each distinct variant's forward (pre-norm + sub-block) on one cached batch of layer 1; variants
+    of equal shape cost the same in every layer, so each shape is timed once (realised from layer 1)."""
+    index = min(1, len(decoder_layers(model, arch)) - 1)
+    parent = decoder_layers(model, arch)[index]
+    config = model_config(model)
+    times: dict[Variant, float] = {}
+    for v in sorted({v for vs in groups for v in vs}, key=lambda v: (v.kind, v.units)):
+        layer = copy.deepcopy(parent)
+        realize_sub_block(layer, arch, attention_layout(config, layer, arch), stats[index], units[index], v)
+        times[v] = time_sub_block(layer, arch, v.kind, inputs.hidden[0], inputs.kwargs[0])
+    return times

@@ -22,7 +22,6 @@ from compress.adapters import Arch, attention_layout, decoder_layers, model_conf
 from compress.calibration import LayerStats
 from compress.checkpoint import tensor_sha256
 from compress.loading import cache_dir as secateurs_cache
-from compress.prune.allocate import ModuleUnits
 from compress.prune.pruner import collect_statistics, count_parameters, module_units, prunable_parameters
 from compress.puzzle.config import PuzzleConfig
 from compress.puzzle.library import (
@@ -31,8 +30,8 @@ from compress.puzzle.library import (
     Variant,
     block_shape,
     library,
+    measure_latency,
     realize_sub_block,
-    time_sub_block,
     variant_kv_bytes,
     variant_params,
 )
@@ -134,29 +133,6 @@ def score_library(
     )
 
 
-def measure_latency(
-    model: nn.Module,
-    arch: Arch,
-    stats: list[LayerStats],
-    units: list[tuple[ModuleUnits, ModuleUnits]],
-    groups: list[list[Variant]],
-    inputs: Any,
-) -> dict[Variant, float]:
-    """Seconds of each distinct variant's forward (pre-norm + sub-block) on one cached batch of layer 1; variants
-    of equal shape cost the same in every layer, so each shape is timed once (realised from layer 1)."""
-    import copy
-
-    index = min(1, len(decoder_layers(model, arch)) - 1)
-    parent = decoder_layers(model, arch)[index]
-    config = model_config(model)
-    times: dict[Variant, float] = {}
-    for v in sorted({v for vs in groups for v in vs}, key=lambda v: (v.kind, v.units)):
-        layer = copy.deepcopy(parent)
-        realize_sub_block(layer, arch, attention_layout(config, layer, arch), stats[index], units[index], v)
-        times[v] = time_sub_block(layer, arch, v.kind, inputs.hidden[0], inputs.kwargs[0])
-    return times
-
-
 def cached_library(
     model: nn.Module, arch: Arch, stats: list[LayerStats], ids: Tensor, cfg: PuzzleConfig, batch_size: int = 4
 ) -> tuple[ScoredLibrary, bool]:
@@ -237,6 +213,20 @@ def choice_summary(chosen: list[Variant]) -> dict[str, Any]:
         ],
         "linear": [[k for k, v in zip(KINDS, pair, strict=True) if v.linear] for pair in zip(attn, mlp, strict=True)],
     }
+
+
+def puzzle_widths(
+    model: nn.Module, arch: Arch, stats: list[LayerStats], calibration: Tensor, cfg: PuzzleConfig, ratio: float
+) -> tuple[list[int], list[int]]:
+    """Kept KV groups and MLP channels per layer of the Puzzle-MIP choice at ``ratio`` (0 = no-op), e.g. as a seed
+    of a width search; the library comes from its cache (scored once). Linear replacements have no width."""
+    if cfg.allow_linear:
+        raise InputError("puzzle widths: linear replacements have no width (set puzzle.allow_linear: false)")
+    lib, _ = cached_library(model, arch, stats, calibration[: cfg.samples, : cfg.seq_len], cfg)
+    budget = count_parameters(model) - ratio * prunable_parameters(model, arch) - lib.fixed_params
+    sol = solve_budget(lib, cfg.score, budget, cfg.kv_cache_ratio, cfg.latency_ratio, cfg.time_limit)
+    summary = choice_summary([lib.parsed(g)[v] for g, v in enumerate(sol.choice)])
+    return summary["kv_groups"], summary["intermediate_sizes"]
 
 
 def run_puzzle(

@@ -38,6 +38,29 @@ def test_puzzle_prune_step_runs_writes_and_reloads(tiny4_dir, tmp_path):
     assert stored["recipe"]["steps"][0]["prune"]["puzzle"]["mlp_steps"] == 4
 
 
+def test_puzzle_with_least_squares_and_distill_runs_and_reloads(tiny4_dir, tmp_path):
+    """``structure: puzzle`` + ``reconstruct: least_squares`` + a ``distill`` step through the pipeline: the refit
+    is recorded per layer, the distillation trains the chosen architecture, the checkpoint reloads."""
+    puzzle = {"samples": 4, "seq_len": 16, "mlp_steps": 4, "cache_dir": str(tmp_path / "cache")}
+    recipe = {
+        "model": str(tiny4_dir),
+        "calibration": {"samples": 8, "seq_len": 32, "batch_size": 4},
+        "steps": [
+            {"prune": {"ratio": 0.5, "structure": "puzzle", "reconstruct": "least_squares", "puzzle": puzzle}},
+            {"distill": {"samples": 8, "seq_len": 32, "batch_size": 4, "steps": 4, "lr": 1e-4, "global_steps": 0}},
+        ],
+        "output": {"dir": str(tmp_path / "out")},
+        "evaluation": None,
+    }
+    report = run(recipe).report
+    assert report["reload_max_abs_logit_diff"] <= 1e-5
+    prune, distill = report["steps"]
+    assert len(prune["refit_residual"]) == 4 and prune["equivalent_prune_step"]["reconstruct"] == "least_squares"
+    assert prune["parameters"] == report["sizes"]["params_after"]
+    assert len(distill["block_loss"]) == 4
+    assert all(b["loss_after"] < b["loss_before"] for b in distill["block_loss"]), distill["block_loss"]
+
+
 @pytest.mark.parametrize(
     ("prune", "message"),
     [
