@@ -7,6 +7,13 @@ Cost on a 2-core CPU: one dense statistics pass (128 × 128 tokens), the library
 the output: about layers × (1 tail pass + variants × one layer) for ``--estimate local``, layers × variants / 2
 forward passes for ``exact``), then per budget a MILP (< 1 s) and one held-out evaluation (64 × 256 tokens).
 Partial results are written after every row.
+
+Further modes, each adding to puzzle.json (the FLAP statistics are cached in /tmp between runs):
+
+    python scripts/puzzle_results.py --recovery ls [--ratios ...] [--methods Puzzle-MIP UL-MM AL-AM ...]
+    python scripts/puzzle_results.py --recovery bld      # least squares + blockwise local distillation
+    python scripts/puzzle_results.py --latency-match [--flap-ratios 0.3 0.4 0.5] [--rounds 15]
+    python scripts/puzzle_results.py --time-scoring 15   # re-time the scoring of one layer's variants
 """
 
 from __future__ import annotations
@@ -269,6 +276,7 @@ def latency_match(args: argparse.Namespace, out: Path) -> None:
         "flap_match": best,
         "flap_ppl": ppl,
         "flap_ppl_from": "pruning.json" if (method, float(ratio_text)) in pruning else "measured here",
+        "flap_ratios": [f"{r:g}" for r in args.flap_ratios],
     }
     print(json.dumps(report["latency_match"], indent=1), flush=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
@@ -425,9 +433,11 @@ def recovery_rows(args: argparse.Namespace, out: Path) -> None:
 def render(report: dict[str, Any]) -> str:
     lib, p = report["library"], report["puzzle"]
     lines = [
-        "# Puzzle-MIP on SmolLM2-135M-Instruct (training-free)",
+        "# Puzzle-MIP on SmolLM2-135M-Instruct",
         "",
-        "Regenerate with `python scripts/puzzle_results.py` (writes this file and `puzzle.json`).",
+        "Regenerate with `python scripts/puzzle_results.py` (the training-free rows), then `--recovery ls` (the "
+        "rows with least-squares reconstruction, resumable), `--latency-match` and `--time-scoring 15`; each "
+        "writes this file and `puzzle.json`.",
         "",
         f"- Library: per layer attention with 3/2/1 KV groups (FLAP WIFV groups, bias compensation) or no-op (not "
         f"layer 0), MLP widths on a grid of 1/{p['mlp_steps']} of 1,536 channels or no-op; "
@@ -485,7 +495,7 @@ def render(report: dict[str, Any]) -> str:
     lines += recovery_section(report)
     lines += latency_section(report)
     lines += scoring_sample(report)
-    lines += ["", "## Against the baselines at equal parameter ratio", ""] + comparisons(report)
+    lines += ["", "## Against the baselines at equal parameter ratio (training-free)", ""] + comparisons(report)
     lines += [
         "",
         "## Chosen structure per layer (KV groups / MLP channels, – = no-op)",
@@ -538,6 +548,20 @@ def recovery_section(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['ratio']:.0%} | {r['method']} | {r['recovery_name']} | {r['params']:,} | "
             f"{r['prunable_removed']:.2%} | {ppls} | {seconds:.0f} | {'/'.join(f'{x:.1f}' for x in r['load'])} |"
+        )
+    lines += ["", "At equal parameter ratio with the same recovery:", ""]
+    for key in sorted({(r["ratio"], r["recovery"]) for r in rows}):
+        by = {r["method"]: r["ppl"]["web:eval"] for r in rows if (r["ratio"], r["recovery"]) == key}
+        base = {m: by[m] for m in ("AL-AM", "UL-MM") if m in by}
+        if "Puzzle-MIP" not in by or not base:
+            continue
+        best = min(base, key=lambda m: base[m])
+        verdict = "at or below" if by["Puzzle-MIP"] <= base[best] else "above"
+        others = ", ".join(f"{m} {v:.2f} ({by['Puzzle-MIP'] / v - 1:+.1%})" for m, v in base.items())
+        missing = "" if len(base) == 2 else " (the other baseline not measured)"
+        lines.append(
+            f"- {key[0]:.0%}, {rows[0]['recovery_name'] if key[1] == rows[0]['recovery'] else key[1]}: Puzzle-MIP "
+            f"{by['Puzzle-MIP']:.2f} vs {others}: {verdict} the best measured baseline{missing}."
         )
     lines += ["", "Structure per layer of the rows with recovery (KV groups / MLP channels, – = no-op):", ""]
     seen = set()
@@ -602,11 +626,24 @@ def latency_section(report: dict[str, Any]) -> list[str]:
         )
     puzzle, flap = m["puzzle_ppl"], m["flap_ppl"]
     verdict = "lower" if puzzle is not None and puzzle < flap else "higher"
+    flap_ratios = sorted({n.split()[1] for n in m["models"] if n not in ("dense", "Puzzle-MIP")}, key=float)
+    ordered = all(
+        m["models"][f"{s} {a}"]["ratio_median"] >= m["models"][f"{s} {b}"]["ratio_median"]
+        for s in ("AL-AM", "UL-MM")
+        for a, b in zip(flap_ratios, flap_ratios[1:], strict=False)
+    )
     lines += [
         "",
         f"Closest FLAP model in measured forward time: **{m['flap_match']}** (web:eval PPL {flap:.2f}, "
         f"{m['flap_ppl_from']}) against Puzzle-MIP under the latency budget (PPL {puzzle:.2f}): Puzzle's PPL is "
-        f"{verdict} at equal measured latency.",
+        f"{verdict} at this match.",
+        "",
+        ""
+        if ordered
+        else "**The measurement does not support this match**: the FLAP medians are not ordered by pruning ratio "
+        "and single rounds range over a factor of several (the other jobs' load dominated the 2 cores), so the "
+        "noise exceeds the differences between these models; the match (and any latency claim) needs an idle "
+        "machine.",
     ]
     return lines
 
