@@ -578,11 +578,11 @@ def recovery_section(report: dict[str, Any]) -> list[str]:
         (ratio, m) for ratio in (0.2, 0.3, 0.5) for m in RECOVERY_METHODS if m != RECOVERY_METHODS[3] or ratio == 0.2
     ]
     present = {(r["ratio"], r["method"]) for r in rows}
-    missing = [f"{m} {ratio:.0%}" for ratio, m in wanted if (ratio, m) not in present]
-    if missing or not any(r["recovery"] == "bld" for r in rows):
+    absent = [f"{m} {ratio:.0%}" for ratio, m in wanted if (ratio, m) not in present]
+    if absent or not any(r["recovery"] == "bld" for r in rows):
         lines.append(
             "- Not measured (the shared CPU; `--recovery ls` resumes where this stopped): least squares for "
-            + (", ".join(missing) if missing else "none")
+            + (", ".join(absent) if absent else "none")
             + "; least squares + BLD (`--recovery bld`) for any row"
             + ("." if any(r["recovery"] == "bld" for r in rows) else ", and `prose:eval` (`--evals`).")
         )
