@@ -120,6 +120,8 @@ def train_block(
     gen = torch.Generator().manual_seed(seed)
     order = torch.randint(len(targets), (settings.steps,), generator=gen).tolist()
     with trainable([layer], arch, settings, seed) as params, torch.enable_grad():
+        if not params:  # both sub-blocks removed: nothing left to train (their constants stay as refitted)
+            return before, before
         opt = _optimizer(params, settings)
         for b in order:
             out = layer(inputs.hidden[b], **inputs.kwargs[b])

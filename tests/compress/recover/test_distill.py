@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from compress.adapters import arch_for
+from compress.calibration import LayerInputs
 from compress.prune.pruner import prune_model
 from compress.recipe import PruneConfig
-from compress.recover.distill import TrainSettings, distill_blocks, distill_global, kd_loss, normalized_mse
+from compress.recover.distill import (
+    TrainSettings,
+    distill_blocks,
+    distill_global,
+    kd_loss,
+    normalized_mse,
+    train_block,
+)
+from compress.remote.modeling_secateurs import skip_sub_block
 from tests.conftest import build_tiny
 
 
@@ -70,3 +79,21 @@ def test_global_kd_lowers_the_kl() -> None:
     with torch.no_grad():
         after = float(kd_loss(student(input_ids=ids).logits, dense(input_ids=ids).logits))
     assert len(losses) == 15 and after < before
+
+
+def test_layer_without_linears_is_left_unchanged() -> None:
+    """A layer whose attention and MLP were both removed has nothing to train: BLD keeps it and its loss."""
+    dense = build_tiny("llama")
+    arch = arch_for(dense.config)
+    layer = dense.model.layers[1]
+    hidden = int(dense.config.hidden_size)
+    for name, norm, attention in (("self_attn", "input_layernorm", True), ("mlp", "post_attention_layernorm", False)):
+        skip_sub_block(layer, name, norm, hidden, attention)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 5, hidden, generator=torch.Generator().manual_seed(3))
+    position = torch.arange(5).unsqueeze(0)
+    emb = dense.model.rotary_emb(x, position)
+    inputs = LayerInputs([x], [{"position_embeddings": emb, "attention_mask": None}])
+    before, after = train_block(layer, arch, inputs, [x + 1.0], TrainSettings(steps=3, lr=1e-2), seed=0)
+    assert before == after > 0
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
