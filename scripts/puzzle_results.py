@@ -194,20 +194,15 @@ RECOVERY_METHODS = ("Puzzle-MIP", "UL-MM", "AL-AM", "NSGA-II trial 53")
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, torch.Tensor, list[Any], ScoredLibrary, PuzzleConfig]:
-    """Dense model, tokenizer, arch, calibration tokens, FLAP statistics (cached in /tmp between runs of this
-    script: the statistics pass is the slow part on a busy CPU) and the scored library (from its cache)."""
+    """Dense model, tokenizer, arch, calibration tokens, FLAP statistics (recomputed: a pickle cache in /tmp,
+    unkeyed by the model, was unsafe) and the scored library (from its cache)."""
     loaded = load_model(args.model)
     dense, tokenizer = loaded.model, loaded.tokenizer
     arch = arch_for(dense.config)
     cal = CalibrationConfig()
     pcfg = PuzzleConfig(score=args.score, estimate=args.estimate, samples=args.samples, mlp_steps=args.mlp_steps)
     ids = calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, args.seed)
-    stats_file = Path(f"/tmp/puzzle-stats-{args.seed}.pt")
-    if stats_file.is_file():
-        stats = torch.load(stats_file, weights_only=False)
-    else:
-        stats = collect_statistics(dense, arch, ids, cal.batch_size)
-        torch.save(stats, stats_file)
+    stats = collect_statistics(dense, arch, ids, cal.batch_size)
     lib, cached = cached_library(dense, arch, stats, ids[: pcfg.samples, : pcfg.seq_len], pcfg)
     if not cached:
         print("warning: the library was not in the cache (scored now)", flush=True)
