@@ -96,7 +96,6 @@ def main() -> None:
     blocks: dict[str, Any] = record.setdefault("block_settings", {})
     for r in record.get("rows", []):  # rows of an earlier run keep that run's settings
         blocks.setdefault(_block(r["ratio"], r["structure"]), record.get("settings", {}))
-    record["rows"] = [r for r in record.get("rows", []) if _complete(record, r["ratio"], r["structure"])]
     record.update({"settings": vars(args), "threads": torch.get_num_threads(), "cpu": platform.processor()})
     rows: list[dict[str, Any]] = record.setdefault("rows", [])
 
@@ -120,6 +119,7 @@ def main() -> None:
             if _complete(record, ratio, structure):
                 continue
             blocks[_block(ratio, structure)] = vars(args)
+            rows[:] = [r for r in rows if not _in_block(r, ratio, structure)]  # a partial block is measured again
             rows.extend(run_block(ctx, ratio, structure))
             _write(out, record)
     print((out / "recovery.md").read_text())
