@@ -1,14 +1,16 @@
 """Regenerate docs/results/puzzle.md: Puzzle-MIP on SmolLM2-135M at several parameter ratios and one latency
 budget, against FLAP's AL-AM and UL-MM structures (rows of docs/results/pruning.json, same protocol).
 
-    python scripts/puzzle_results.py [--ratios 0.5 0.2 0.3] [--mlp-steps 8] [--estimate local] [--out docs/results]
+    python scripts/puzzle_results.py [--ratios 0.5 0.2 0.3] [--mlp-steps 8] [--estimate exact|local]
+        [--allow-linear|--no-allow-linear] [--out docs/results]
 
 Cost on a 2-core CPU: one dense statistics pass (128 × 128 tokens), the library scoring (see the scoring table in
 the output: about layers × (1 tail pass + variants × one layer) for ``--estimate local``, layers × variants / 2
 forward passes for ``exact``), then per budget a MILP (< 1 s) and one held-out evaluation (64 × 256 tokens).
 Partial results are written after every row.
 
-Further modes, each adding to puzzle.json (the FLAP statistics are cached in /tmp between runs):
+Further modes, each adding to puzzle.json (each recomputes the FLAP statistics and reads the scored library from
+its cache):
 
     python scripts/puzzle_results.py --recovery ls [--ratios ...] [--methods Puzzle-MIP UL-MM AL-AM ...]
     python scripts/puzzle_results.py --recovery bld      # least squares + blockwise local distillation
@@ -44,14 +46,23 @@ from compress.prune.pruner import (
 )
 from compress.puzzle.config import PuzzleConfig
 from compress.puzzle.score import dense_cache, kl_divergence
-from compress.puzzle.step import ScoredLibrary, apply_choice, cached_library, choice_summary, solve_budget
+from compress.puzzle.step import (
+    ScoredLibrary,
+    apply_choice,
+    cached_library,
+    choice_summary,
+    fit_tokens,
+    solve_budget,
+)
 from compress.recipe import CalibrationConfig, PerplexityConfig, PruneConfig
 
 
 def structure(record: dict[str, Any]) -> str:
-    """Per layer "KV groups/MLP width", "–" for a no-op sub-block."""
+    """Per layer "KV groups/MLP width", "L" for a linear replacement, "–" for a no-op sub-block."""
+    linear = record.get("linear") or [[] for _ in record["kv_groups"]]
     return " ".join(
-        f"{a or '–'}/{m or '–'}" for a, m in zip(record["kv_groups"], record["intermediate_sizes"], strict=True)
+        f"{'L' if 'attn' in lin else a or '–'}/{'L' if 'mlp' in lin else m or '–'}"
+        for a, m, lin in zip(record["kv_groups"], record["intermediate_sizes"], linear, strict=True)
     )
 
 
@@ -76,7 +87,13 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.2, 0.3])
     parser.add_argument("--latency-ratio", type=float, default=0.7)
     parser.add_argument("--mlp-steps", type=int, default=8)
-    parser.add_argument("--estimate", choices=["exact", "local"], default="local")
+    parser.add_argument("--estimate", choices=["exact", "local"], default="exact")
+    parser.add_argument(
+        "--allow-linear",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a linear-replacement variant of every sub-block in the library (--no-allow-linear: the earlier library)",
+    )
     parser.add_argument("--score", choices=["kl", "lm_loss"], default="kl")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--out", default="docs/results")
@@ -125,19 +142,12 @@ def main() -> None:
     if args.time_scoring is not None:
         time_scoring(args, out)
         return
-    loaded = load_model(args.model)
-    dense, tokenizer = loaded.model, loaded.tokenizer
-    arch = arch_for(dense.config)
+    previous = json.loads((out / "puzzle.json").read_text()) if (out / "puzzle.json").exists() else {}
+    timing: dict[str, Any] = {}
+    dense, tokenizer, arch, ids, stats, lib, pcfg = _setup(args, timing)
     cal = CalibrationConfig()
-    pcfg = PuzzleConfig(score=args.score, estimate=args.estimate, samples=args.samples, mlp_steps=args.mlp_steps)
-    ids = calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, args.seed)
-    clock = time.perf_counter()
-    stats = collect_statistics(dense, arch, ids, cal.batch_size)
-    stats_seconds = time.perf_counter() - clock
     score_ids = ids[: pcfg.samples, : pcfg.seq_len]
-    clock = time.perf_counter()
-    lib, cached = cached_library(dense, arch, stats, score_ids, pcfg)
-    print(f"library: {lib.timing} cached={cached} ({time.perf_counter() - clock:.1f} s)", flush=True)
+    print(f"library: {lib.timing} {timing}", flush=True)
     cache = dense_cache(dense, arch, score_ids)  # for the realised models' KL on the scoring tokens
     dense_params, prunable = count_parameters(dense), prunable_parameters(dense, arch)
     baseline = json.loads((out / "pruning.json").read_text())
@@ -147,20 +157,38 @@ def main() -> None:
         "model": args.model,
         "calibration": {"samples": cal.samples, "seq_len": cal.seq_len, "seed": args.seed},
         "puzzle": pcfg.model_dump(mode="json"),
-        "statistics_seconds": round(stats_seconds, 1),
-        "library": {"cached": cached, **lib.timing, "variants_per_sub_block": [len(v) for v in lib.variants]},
+        "statistics_seconds": timing["statistics_s"],
+        "library": {
+            "cached": timing["cached"],
+            **lib.timing,
+            "variants_per_sub_block": [len(v) for v in lib.variants],
+        },
         "dense": {"params": dense_params, "prunable": prunable, "forward_s": round(dense_latency, 4)},
         "baselines": [r for r in baseline["rows"] if r["method"] in BASELINES],
         "eval_protocol": baseline.get("eval_protocol"),
         "rows": [],
+        # rows with recovery that do not depend on the library (the FLAP baselines, the NSGA-II trial) are kept
+        "recovery_rows": [r for r in previous.get("recovery_rows", []) if r["method"] != "Puzzle-MIP"],
     }
+    if "dense_ppl" in previous:
+        report["dense_ppl"] = previous["dense_ppl"]
+    trial = copy.deepcopy(dense)
+    prune_model(trial, arch, nsga2_trial(), None, 8, None, stats)
+    report["nsga2"] = {
+        "trial": 53,
+        "params": count_parameters(trial),
+        "prunable_removed": 1 - prunable_parameters(trial, arch) / prunable,
+        "ppl": round(perplexity(trial, tokenizer, PerplexityConfig())["perplexity"], 3),
+    }
+    del trial
+    print(json.dumps(report["nsga2"]), flush=True)
     budgets: list[tuple[str, float | None, float | None]] = [(f"params {r:.0%}", r, None) for r in args.ratios]
     budgets.append((f"latency ≤ {args.latency_ratio:.2f}× dense sub-blocks", None, args.latency_ratio))
     for name, ratio, lat in budgets:
         params_budget = None if ratio is None else dense_params - ratio * prunable - lib.fixed_params
         sol = solve_budget(lib, pcfg.score, params_budget, None, lat, pcfg.time_limit)
         model = copy.deepcopy(dense)
-        record = apply_choice(model, arch, stats, lib, sol.choice)
+        record = apply_choice(model, arch, stats, lib, sol.choice, fit_tokens(ids, pcfg))
         params = count_parameters(model)
         assert params == lib.fixed_params + int(sol.costs["params"]), "library costs must be exact"
         with torch.no_grad():
@@ -181,6 +209,7 @@ def main() -> None:
             "latency_sum_ratio": round(sol.costs["latency_s"] / lib.dense_cost("latency_s"), 3),
             "forward_ratio": round(forward_latency(model, latency_ids) / dense_latency, 3),
             "kv_bytes_ratio": round(sol.costs["kv_bytes"] / lib.dense_cost("kv_bytes"), 3),
+            "load": [round(v, 2) for v in os.getloadavg()],
             **record,
         }
         report["rows"].append(row)
@@ -193,19 +222,40 @@ BASELINES = ("dense", "FLAP (WIFV, AL-AM, dense stats)", "FLAP (WIFV, UL-MM)")
 RECOVERY_METHODS = ("Puzzle-MIP", "UL-MM", "AL-AM", "NSGA-II trial 53")
 
 
-def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, torch.Tensor, list[Any], ScoredLibrary, PuzzleConfig]:
+def _setup(
+    args: argparse.Namespace, timing: dict[str, Any] | None = None
+) -> tuple[Any, Any, Any, torch.Tensor, list[Any], ScoredLibrary, PuzzleConfig]:
     """Dense model, tokenizer, arch, calibration tokens, FLAP statistics (recomputed: a pickle cache in /tmp,
-    unkeyed by the model, was unsafe) and the scored library (from its cache)."""
+    unkeyed by the model, was unsafe) and the scored library (from its cache, or scored now); ``timing`` receives
+    the statistics seconds, whether the library came from the cache and the load average around the scoring."""
     loaded = load_model(args.model)
     dense, tokenizer = loaded.model, loaded.tokenizer
     arch = arch_for(dense.config)
     cal = CalibrationConfig()
-    pcfg = PuzzleConfig(score=args.score, estimate=args.estimate, samples=args.samples, mlp_steps=args.mlp_steps)
+    pcfg = PuzzleConfig(
+        score=args.score,
+        estimate=args.estimate,
+        samples=args.samples,
+        mlp_steps=args.mlp_steps,
+        allow_linear=args.allow_linear,
+    )
     ids = calibration_batches(tokenizer, cal.data, cal.samples, cal.seq_len, args.seed)
+    clock = time.perf_counter()
     stats = collect_statistics(dense, arch, ids, cal.batch_size)
-    lib, cached = cached_library(dense, arch, stats, ids[: pcfg.samples, : pcfg.seq_len], pcfg)
+    stats_seconds = time.perf_counter() - clock
+    loads = [os.getloadavg()]
+    lib, cached = cached_library(
+        dense, arch, stats, ids[: pcfg.samples, : pcfg.seq_len], pcfg, 4, fit_tokens(ids, pcfg)
+    )
+    loads.append(os.getloadavg())
     if not cached:
-        print("warning: the library was not in the cache (scored now)", flush=True)
+        print("the library was not in the cache (scored now)", flush=True)
+    if timing is not None:
+        timing.update(
+            statistics_s=round(stats_seconds, 1),
+            cached=cached,
+            load_before_after=[[round(v, 2) for v in load] for load in loads],
+        )
     return dense, tokenizer, arch, ids, stats, lib, pcfg
 
 
@@ -218,10 +268,10 @@ def latency_match(args: argparse.Namespace, out: Path) -> None:
 
     path = out / "puzzle.json"
     report = json.loads(path.read_text())
-    dense, tokenizer, arch, _, stats, lib, pcfg = _setup(args)
+    dense, tokenizer, arch, ids, stats, lib, pcfg = _setup(args)
     sol = solve_budget(lib, pcfg.score, None, None, args.latency_ratio, pcfg.time_limit)
     models: dict[str, torch.nn.Module] = {"dense": dense, "Puzzle-MIP": copy.deepcopy(dense)}
-    apply_choice(models["Puzzle-MIP"], arch, stats, lib, sol.choice)
+    apply_choice(models["Puzzle-MIP"], arch, stats, lib, sol.choice, fit_tokens(ids, pcfg))
     for structure_name in ("AL-AM", "UL-MM"):
         for ratio in args.flap_ratios:
             model = copy.deepcopy(dense)
@@ -425,6 +475,15 @@ def recovery_rows(args: argparse.Namespace, out: Path) -> None:
         del model
 
 
+def load_note(loads: list[list[float]] | None) -> str:
+    """What the 1-minute load average around a timing says about it (2 cores)."""
+    if not loads:
+        return "Load average not recorded: on this shared 2-core machine the times are upper bounds."
+    worst = max(load[0] for load in loads)
+    text = f"1/5/15-minute load average {' → '.join('/'.join(f'{v:.1f}' for v in load) for load in loads)}"
+    return text + (": the machine was otherwise idle." if worst <= 2.5 else ": shared with other jobs, upper bounds.")
+
+
 def render(report: dict[str, Any]) -> str:
     lib, p = report["library"], report["puzzle"]
     lines = [
@@ -434,11 +493,22 @@ def render(report: dict[str, Any]) -> str:
         "rows with least-squares reconstruction, resumable), `--latency-match` and `--time-scoring 15`; each "
         "writes this file and `puzzle.json`.",
         "",
-        f"- Library: per layer attention with 3/2/1 KV groups (FLAP WIFV groups, bias compensation) or no-op (not "
-        f"layer 0), MLP widths on a grid of 1/{p['mlp_steps']} of 1,536 channels or no-op; "
-        f"{sum(lib['variants_per_sub_block'])} variants in {len(lib['variants_per_sub_block'])} sub-blocks. "
-        "No linear-replacement variant: this library was scored before `puzzle.allow_linear` existed, and "
-        "rescoring it (about 35 minutes on the shared CPU) did not fit the session.",
+        "- Library: per layer attention with 3/2/1 KV groups (FLAP WIFV groups, bias compensation)"
+        + (
+            ", a linear replacement (ridge least-squares map hidden → hidden, fitted on the "
+            f"{p.get('fit_samples')} calibration windows after the scoring ones)"
+            if p.get("allow_linear")
+            else ""
+        )
+        + f" or no-op (not layer 0), MLP widths on a grid of 1/{p['mlp_steps']} of 1,536 channels"
+        + (", a linear replacement" if p.get("allow_linear") else "")
+        + f" or no-op; {sum(lib['variants_per_sub_block'])} variants in {len(lib['variants_per_sub_block'])} "
+        "sub-blocks"
+        + (
+            "."
+            if p.get("allow_linear")
+            else ". No linear-replacement variant (this library was scored before `puzzle.allow_linear` existed)."
+        ),
         f"- Scores: replace-one-block {p['score']} against the dense model's next-token distribution on "
         f"{lib['tokens']} calibration tokens ({p['samples']} × {p['seq_len']}), estimate `{p['estimate']}`"
         + (
@@ -449,8 +519,7 @@ def render(report: dict[str, Any]) -> str:
         ),
         f"- Scoring cost: dense pass {lib['dense_pass_s']} s, {lib['variants']} variants in {lib['scoring_s']} s "
         f"({lib['mean_per_variant_s']} s per variant, {lib['threads']} threads), on top of the FLAP statistics "
-        f"pass ({report['statistics_seconds']} s). The machine was shared with other jobs (load ≫ 2 on 2 cores): "
-        "times are upper bounds.",
+        f"pass ({report['statistics_seconds']} s). " + load_note(lib.get("load_before_after")),
         "- Evaluation: held-out perplexity on `web:eval`, 64 windows × 256 tokens, as in [pruning.md](pruning.md); "
         "the AL-AM and UL-MM rows are copied from `pruning.json` (same model, calibration, protocol).",
         "- MILP: SciPy `milp` (HiGHS), one binary per variant; `gap` is the relative optimality gap HiGHS proved "
@@ -469,14 +538,20 @@ def render(report: dict[str, Any]) -> str:
             f"| {r['budget']} | Puzzle-MIP | {r['params']:,} | {r['prunable_removed']:.2%} | {r['ppl']:.2f} | "
             f"{r['predicted_kl_sum']:.3f} / {r['realised_kl']:.3f} | {r['milp_seconds']:.3f} ({r['milp_gap']:.1e}) |"
         )
+    lines += []
+    nsga = report.get("nsga2")
+    if nsga:
+        lines.append(
+            f"| ~20% | best NSGA-II trial (trial {nsga['trial']} of [search.md](search.md)) | {nsga['params']:,} | "
+            f"{nsga['prunable_removed']:.2%} | {nsga['ppl']:.2f} | | |"
+        )
     lines += [
-        "| ~20% | best NSGA-II trial (trial 53 of [search.md](search.md)) | prunable 84,423,168 | 20.48% | 23.22 | | |",
         "",
-        "The NSGA-II row is copied from [search.md](search.md) (100 trials, selection on calibration text); it "
-        "exists only near 20 %. Not run: exact (non-`local`) scores"
-        + ("" if report.get("recovery_rows") else ", rows with recovery")
-        + ("" if report.get("latency_match") else ", FLAP at equal measured latency")
-        + " — the shared CPU left no time for them.",
+        "The NSGA-II row is the trial's structure (100 trials, selection on calibration text; it exists only near "
+        "20 %) pruned again here with this script's statistics and evaluated with the same protocol."
+        + ("" if p["estimate"] == "exact" else " Not run: exact (non-`local`) scores.")
+        + ("" if report.get("recovery_rows") else " Not run: rows with recovery.")
+        + ("" if report.get("latency_match") else " Not run: FLAP at equal measured latency."),
         "",
         "## Scoring cost and how it scales",
         "",
@@ -493,11 +568,11 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "## Against the baselines at equal parameter ratio (training-free)", ""] + comparisons(report)
     lines += [
         "",
-        "## Chosen structure per layer (KV groups / MLP channels, – = no-op)",
+        "## Chosen structure per layer (KV groups / MLP channels, L = linear replacement, – = no-op)",
         "",
-        "Forward and block-latency ratios below were timed on the heavily shared CPU (other jobs kept the load far "
-        "above the 2 cores): they are noise-dominated and do not support a latency claim; re-measure on an idle "
-        "machine (`scripts/bench_latency.py`).",
+        "Forward ratio: one 128-token forward of the chosen model against the dense model's, timed when the row was "
+        "made (" + load_note([r["load"] for r in report["rows"] if "load" in r] or None) + "); Σ block latency: "
+        "the per-variant latencies measured during the scoring.",
         "",
     ]
     for r in report["rows"]:
@@ -523,14 +598,14 @@ def recovery_section(report: dict[str, Any]) -> list[str]:
         "down_proj; inputs from the compressed prefix, targets from the dense model; α per consumer from "
         "0.01..1e4 on held-out calibration mini-batches) on the first "
         f"{rows[0].get('ls_windows', 128)} × 128 of the `web:calibration` windows the statistics (128 × 128) came "
-        "from (fewer than the statistics: the shared CPU); no-ops keep FLAP's constant. Puzzle-MIP: the "
+        "from; no-ops keep FLAP's constant. Puzzle-MIP: the "
         "training-free row's choice (same library and "
         "budget) realised with that refit (`structure: puzzle` + `reconstruct: least_squares`). BLD: blockwise "
         "local distillation after least squares (steps per layer, lr and windows in `puzzle.json`). Evaluation as "
         "above"
         + "".join(f"; dense {d} PPL {v:.2f}" for d, v in dense.items())
-        + ". `s` = wall seconds of the refit (+ BLD) on the shared 2-core CPU, `load` = 1/5/15-minute load average "
-        "when the row was written: upper bounds.",
+        + ". `s` = wall seconds of the refit (+ BLD) on 2 cores, `load` = 1/5/15-minute load average when the row "
+        "was written (above 2: the cores were shared with other jobs and `s` is an upper bound).",
         "",
         "`refit residual` = mean over the refitted consumers of the relative residual on the fit tokens / on the "
         "held-out calibration mini-batches (a large gap: the refit overfits the few calibration tokens).",
@@ -576,7 +651,7 @@ def recovery_section(report: dict[str, Any]) -> list[str]:
     absent = [f"{m} {ratio:.0%}" for ratio, m in wanted if (ratio, m) not in present]
     if absent or not any(r["recovery"] == "bld" for r in rows):
         lines.append(
-            "- Not measured (the shared CPU; `--recovery ls` resumes where this stopped): least squares for "
+            "- Not measured (`--recovery ls` resumes where this stopped): least squares for "
             + (", ".join(absent) if absent else "none")
             + "; least squares + BLD (`--recovery bld`) for any row"
             + ("." if any(r["recovery"] == "bld" for r in rows) else ", and `prose:eval` (`--evals`).")
@@ -590,7 +665,11 @@ def recovery_section(report: dict[str, Any]) -> list[str]:
                 f"- {r['ratio']:.0%} Puzzle-MIP: {r['recovery_name']} {ppl:.2f} vs training-free (bias "
                 f"compensation) {free[r['ratio']]:.2f}: the refit {change} the same architecture."
             )
-    lines += ["", "Structure per layer of the rows with recovery (KV groups / MLP channels, – = no-op):", ""]
+    lines += [
+        "",
+        "Structure per layer of the rows with recovery (KV groups / MLP channels, L = linear replacement, – = no-op):",
+        "",
+    ]
     seen = set()
     for r in rows:
         key = (r["ratio"], r["method"])
@@ -613,11 +692,11 @@ def scoring_sample(report: dict[str, Any]) -> list[str]:
         "",
         f"Re-timed sample (layer {m['layer']}, both sub-blocks, estimate `{m['estimate']}`, {m['threads']} threads, "
         f"load average 1/5/15 min {'/'.join(f'{v:.1f}' for v in before)} before and "
-        f"{'/'.join(f'{v:.1f}' for v in after)} after, on 2 shared cores): dense pass {m['dense_pass_s']:.1f} s; per "
+        f"{'/'.join(f'{v:.1f}' for v in after)} after, 2 cores): dense pass {m['dense_pass_s']:.1f} s; per "
         f"variant ({kinds}; the last of each sub-block is the anchor with its tail pass) mean "
         f"{m['mean_per_variant_s']:.2f} s. Whole library at that rate: {m['dense_pass_s']:.0f} s + "
         f"{m['variants_in_library']} × {m['mean_per_variant_s']:.2f} s ≈ {total / 60:.1f} min, plus the FLAP "
-        "statistics pass — an upper bound (the machine was shared); the goal of 15 minutes on 2 cores "
+        "statistics pass; the goal of 15 minutes on 2 cores "
         + ("is met at this rate." if total <= 900 else "is not met at this rate.")
         + " The per-variant cost is that of one decoder layer on the scoring tokens plus, for the anchors, the "
         "tail of the model; it grows linearly with the variants per layer and (anchors) quadratically with depth.",
@@ -636,9 +715,8 @@ def latency_section(report: dict[str, Any]) -> list[str]:
         "",
         f"One {m['input_tokens']}-token forward pass per model per round, the models in turn, {m['rounds']} rounds "
         f"in one process ({m['threads']} threads); `ratio` = time / the dense model's time in the same round "
-        f"(median, min–max over rounds). Load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in before)} before and "
-        f"{'/'.join(f'{v:.1f}' for v in after)} after: the 2 cores were shared with other jobs, so single "
-        "times are noisy; the interleaving makes the ratios comparable, not exact.",
+        f"(median, min–max over rounds). {load_note(m['load_before_after'])} The interleaving makes the ratios "
+        "comparable across models.",
         "",
         "| model | parameters | median s | ratio median | ratio min–max |",
         "|---|---|---|---|---|",
@@ -667,10 +745,8 @@ def latency_section(report: dict[str, Any]) -> list[str]:
         "",
         ""
         if ordered
-        else "**The measurement does not support this match**: the FLAP medians are not ordered by pruning ratio "
-        "and single rounds range over a factor of several (the other jobs' load dominated the 2 cores), so the "
-        "noise exceeds the differences between these models; the match (and any latency claim) needs an idle "
-        "machine.",
+        else "**The measurement does not support this match**: the FLAP medians are not ordered by pruning ratio, "
+        "so the timing noise exceeds the differences between these models.",
     ]
     return lines
 

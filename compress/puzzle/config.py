@@ -31,6 +31,13 @@ class PuzzleConfig(BaseModel):
     allow_linear: bool = Field(
         False, description="also a linear replacement of every sub-block (a least-squares map hidden → hidden)"
     )
+    fit_samples: int = Field(
+        32,
+        ge=1,
+        le=MAX_COUNT,
+        description="calibration windows after the scoring ones on which linear replacements are fitted (never the "
+        "scoring tokens: a map fitted on them would be scored in-sample)",
+    )
     kv_cache_ratio: float | None = Field(None, gt=0.0, le=1.0, description="max fraction of the dense KV cache")
     latency_ratio: float | None = Field(
         None, gt=0.0, le=1.0, description="max fraction of the dense decoder's measured sub-block latency"

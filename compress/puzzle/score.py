@@ -71,6 +71,18 @@ def dense_cache(model: nn.Module, arch: Arch, ids: Tensor, batch_size: int = 4) 
 
 
 @torch.no_grad()
+def layer_inputs(model: nn.Module, arch: Arch, ids: Tensor, batch_size: int = 4) -> list[LayerInputs]:
+    """The parent's input to every decoder layer for ``ids`` ([n, T]); no head (no [n, T, V] log-probs)."""
+    inputs = capture_layer0_inputs(model, arch, ids, batch_size)
+    result = []
+    for index, layer in enumerate(decoder_layers(model, arch)):
+        inputs = inputs.for_layer(index)
+        result.append(inputs)
+        inputs = inputs.passed_on(_run_layer(layer, inputs))
+    return result
+
+
+@torch.no_grad()
 def tail_log_probs(model: nn.Module, arch: Arch, cache: DenseCache, index: int, layer: nn.Module) -> Tensor:
     """Log-probs [n, T, V] of the parent with decoder layer ``index`` replaced by ``layer`` (layers after it are
     the parent's, run on the cached input of layer ``index``)."""

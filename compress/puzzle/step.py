@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from compress.puzzle.library import (
 )
 from compress.puzzle.milp import MilpSolution, solve_choice
 from compress.puzzle.recover import reconstruct_choice
-from compress.puzzle.score import dense_cache, score_sub_block
+from compress.puzzle.score import dense_cache, layer_inputs, score_sub_block
 from compress.recipe import PruneConfig
 from compress.recover.least_squares import RIDGE_GRID
 from quant.errors import InputError
@@ -64,7 +65,14 @@ class ScoredLibrary:
         return float(sum(row[0] for row in self.costs[name]))
 
 
-def _library_key(model: nn.Module, stats: list[LayerStats], ids: Tensor, cfg: PuzzleConfig, shape: BlockShape) -> str:
+def _library_key(
+    model: nn.Module,
+    stats: list[LayerStats],
+    ids: Tensor,
+    cfg: PuzzleConfig,
+    shape: BlockShape,
+    fit_ids: Tensor | None = None,
+) -> str:
     """Parent weights, the statistics that choose units and compensate, scoring tokens and library settings."""
     digest = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -76,25 +84,53 @@ def _library_key(model: nn.Module, stats: list[LayerStats], ids: Tensor, cfg: Pu
     settings = {"estimate": cfg.estimate, "mlp_steps": cfg.mlp_steps, "noop": cfg.allow_noop, **asdict(shape)}
     if cfg.allow_linear:  # (absent otherwise: the keys of earlier libraries stay valid)
         settings["linear"] = True
+        settings["fit"] = tensor_sha256(fit_ids) if fit_ids is not None else None
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:24]
 
 
+def fit_tokens(calibration: Tensor, cfg: PuzzleConfig) -> Tensor | None:
+    """The windows linear replacements are fitted on ([fit_samples, seq_len]): the ``cfg.fit_samples`` calibration
+    rows after the ``cfg.samples`` scoring rows, so a linear variant is scored out of sample; None without
+    ``allow_linear``. Raises InputError when the calibration has too few windows."""
+    if not cfg.allow_linear:
+        return None
+    need = cfg.samples + cfg.fit_samples
+    if calibration.shape[0] < need:
+        raise InputError(
+            f"puzzle.fit_samples: linear replacements are fitted on {cfg.fit_samples} calibration windows after the "
+            f"{cfg.samples} scoring ones, so calibration.samples must be at least {need} (got {calibration.shape[0]})"
+        )
+    return calibration[cfg.samples : need, : cfg.seq_len]
+
+
 def score_library(
-    model: nn.Module, arch: Arch, stats: list[LayerStats], ids: Tensor, cfg: PuzzleConfig, batch_size: int = 4
+    model: nn.Module,
+    arch: Arch,
+    stats: list[LayerStats],
+    ids: Tensor,
+    cfg: PuzzleConfig,
+    batch_size: int = 4,
+    fit_ids: Tensor | None = None,
 ) -> ScoredLibrary:
-    """Replace-one-block scores and exact costs of every variant, from the parent ``model`` (left unchanged)."""
+    """Replace-one-block scores on the scoring tokens ``ids`` and exact costs of every variant, from the parent
+    ``model`` (left unchanged); linear replacements are fitted on the parent's layer inputs for ``fit_ids``
+    (:func:`fit_tokens`, disjoint from ``ids``)."""
     shape = block_shape(model, arch)
     layers = decoder_layers(model, arch)
     config = model_config(model)
     units = module_units(model, arch, PruneConfig(method="flap"), stats)
     groups = library(shape, len(layers), cfg.mlp_steps, cfg.allow_noop, cfg.allow_linear)
+    load_before = os.getloadavg()
     clock = time.perf_counter()
     cache = dense_cache(model, arch, ids, batch_size)
+    if cfg.allow_linear and fit_ids is None:
+        raise ValueError("a library with linear replacements needs the fit tokens (fit_tokens)")
+    fit = layer_inputs(model, arch, fit_ids, batch_size) if cfg.allow_linear and fit_ids is not None else None
     dense_seconds = time.perf_counter() - clock
 
     def realize(layer: nn.Module, index: int, v: Variant) -> None:
-        inputs = cache.inputs[index] if v.linear else None  # a linear replacement is fitted on the parent's inputs
+        inputs = fit[index] if v.linear and fit is not None else None  # fitted on the parent's inputs, out of sample
         realize_sub_block(layer, arch, attention_layout(config, layer, arch), stats[index], units[index], v, inputs)
 
     scores: dict[str, list[list[float]]] = {"kl": [], "lm_loss": [], "local": []}
@@ -129,21 +165,29 @@ def score_library(
             "mean_per_variant_s": round(sum(per_variant) / max(len(per_variant), 1), 3),
             "tokens": int(ids.numel()),
             "threads": torch.get_num_threads(),
+            # 1/5/15-minute load average before and after: above the thread count the times are upper bounds
+            "load_before_after": [[round(v, 2) for v in load] for load in (load_before, os.getloadavg())],
         },
     )
 
 
 def cached_library(
-    model: nn.Module, arch: Arch, stats: list[LayerStats], ids: Tensor, cfg: PuzzleConfig, batch_size: int = 4
+    model: nn.Module,
+    arch: Arch,
+    stats: list[LayerStats],
+    ids: Tensor,
+    cfg: PuzzleConfig,
+    batch_size: int = 4,
+    fit_ids: Tensor | None = None,
 ) -> tuple[ScoredLibrary, bool]:
-    """The scored library from the on-disk cache (keyed by parent weights, scoring tokens, settings) or scored
-    now and stored; returns (library, came from the cache)."""
-    key = _library_key(model, stats, ids, cfg, block_shape(model, arch))
+    """The scored library from the on-disk cache (keyed by parent weights, scoring and fit tokens, settings) or
+    scored now and stored; returns (library, came from the cache)."""
+    key = _library_key(model, stats, ids, cfg, block_shape(model, arch), fit_ids)
     folder = Path(cfg.cache_dir) if cfg.cache_dir else secateurs_cache() / "puzzle"
     path = folder / f"library-{key}.json"
     if path.exists():
         return ScoredLibrary(**json.loads(path.read_text())), True
-    lib = score_library(model, arch, stats, ids, cfg, batch_size)
+    lib = score_library(model, arch, stats, ids, cfg, batch_size, fit_ids)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(lib)))
@@ -182,8 +226,9 @@ def apply_choice(
 ) -> dict[str, Any]:
     """Replace every sub-block of the parent ``model`` by its chosen variant in place; per-layer summary.
 
-    Linear replacements are fitted as they were scored: on the parent's inputs to their layer for the scoring
-    tokens ``ids`` (one dense pass, only when one is chosen), the MLP before its layer's attention changes."""
+    Linear replacements are fitted as they were scored: on the parent's inputs to their layer for the fit tokens
+    ``ids`` (:func:`fit_tokens`; one dense pass, only when one is chosen), the MLP before its layer's attention
+    changes."""
     config = model_config(model)
     units = module_units(model, arch, PruneConfig(method="flap"), stats)
     layers = decoder_layers(model, arch)
@@ -191,8 +236,8 @@ def apply_choice(
     inputs = None
     if any(v.linear for v in chosen):
         if ids is None:
-            raise ValueError("fitting linear replacements needs the scoring tokens")
-        inputs = dense_cache(model, arch, ids, batch_size).inputs
+            raise ValueError("fitting linear replacements needs the fit tokens (fit_tokens)")
+        inputs = layer_inputs(model, arch, ids, batch_size)
     for g in [g for index in range(len(layers)) for g in (2 * index + 1, 2 * index)]:
         index, v = g // 2, chosen[g]
         layer = layers[index]
@@ -254,7 +299,8 @@ def run_puzzle(
         )
     stats = dense_stats or collect_statistics(model, arch, calibration, batch_size)
     ids = calibration[: cfg.samples, : cfg.seq_len]
-    lib, cached = cached_library(model, arch, stats, ids, cfg, min(batch_size, 4))
+    fit_ids = fit_tokens(calibration, cfg)
+    lib, cached = cached_library(model, arch, stats, ids, cfg, min(batch_size, 4), fit_ids)
     dense_params = count_parameters(model)
     budget = dense_params - ratio * prunable_parameters(model, arch) - lib.fixed_params
     sol = solve_budget(lib, cfg.score, budget, cfg.kv_cache_ratio, cfg.latency_ratio, cfg.time_limit)
@@ -267,7 +313,7 @@ def run_puzzle(
         refit = reconstruct_choice(model, arch, stats, units, chosen, calibration, alphas, batch_size, device)
         record = choice_summary(chosen)
     else:
-        record = apply_choice(model, arch, stats, lib, sol.choice, ids, min(batch_size, 4))
+        record = apply_choice(model, arch, stats, lib, sol.choice, fit_ids, min(batch_size, 4))
     realised = count_parameters(model)
     predicted = lib.fixed_params + int(sol.costs["params"])
     if realised != predicted:  # the solver's costs must be the realised model's

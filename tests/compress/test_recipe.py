@@ -23,6 +23,13 @@ def test_defaults_depend_on_method():
         ({"steps": [{"prune": {"metric": "XYZ"}}]}, "field 'steps.0.prune.metric'"),
         ({"steps": [{"prune": {"structure": "AL-XX"}}]}, "field 'steps.0.prune.structure'"),
         ({"calibration": {"samples": 0}}, "field 'calibration.samples'"),
+        (  # Puzzle fits linear replacements on windows after the scoring ones: 4 + 32 > 16
+            {
+                "calibration": {"samples": 16},
+                "steps": [{"prune": {"structure": "puzzle", "puzzle": {"allow_linear": True}}}],
+            },
+            "steps.0.prune.puzzle.fit_samples: needs at least 36 calibration windows",
+        ),
         ([1, 2], "expected a mapping"),
     ],
 )
