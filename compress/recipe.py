@@ -128,19 +128,20 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _puzzle_windows(self) -> Recipe:
-        """Puzzle scores on the first ``puzzle.samples`` calibration windows and fits linear replacements on the
-        ``puzzle.fit_samples`` after them: the calibration must hold them all."""
+        """Puzzle scores on the first ``puzzle.samples`` calibration windows and fits linear replacements and
+        least-squares repairs on the ``puzzle.fit_samples`` after them: the calibration must hold them all."""
         for index, step in enumerate(self.steps):
             puzzle = step.prune.puzzle if isinstance(step, PruneStep) else None
             if puzzle is None:
                 continue
-            need = puzzle.samples + (puzzle.fit_samples if puzzle.allow_linear else 0)
+            fits = puzzle.allow_linear or puzzle.repair == "least_squares"
+            need = puzzle.samples + (puzzle.fit_samples if fits else 0)
             if self.calibration.samples < need:
-                field = "fit_samples" if puzzle.allow_linear else "samples"
+                field = "fit_samples" if fits else "samples"
                 raise ValueError(
                     f"steps.{index}.prune.puzzle.{field}: needs at least {need} calibration windows (scoring "
                     f"{puzzle.samples}"
-                    + (f" + fitting {puzzle.fit_samples}" if puzzle.allow_linear else "")
+                    + (f" + fitting {puzzle.fit_samples}" if fits else "")
                     + f"), calibration.samples is {self.calibration.samples}"
                 )
         return self

@@ -124,6 +124,11 @@ class PruneConfig(Strict):
             )
         if self.puzzle is None:
             self.puzzle = PuzzleConfig()
+        if self.puzzle.repair == "least_squares" and self.reconstruct != "least_squares":
+            raise ValueError(
+                "puzzle.repair: least_squares scores the variants as reconstruct: least_squares realises them; set "
+                "reconstruct: least_squares"
+            )
         return self
 
     @property

@@ -70,6 +70,12 @@ def main() -> None:
     p.add_argument("--out", default="docs/results")
     p.add_argument("--resume", action="store_true")
     p.add_argument(
+        "--only-requested",
+        action="store_true",
+        help="this output covers only the requested --ratios × --structures (e.g. a larger training budget for "
+        "some blocks), not the whole 20/30/50 % × AL-AM/UL-MM grid",
+    )
+    p.add_argument(
         "--redo",
         nargs="+",
         default=[],
@@ -97,6 +103,10 @@ def main() -> None:
     for r in record.get("rows", []):  # rows of an earlier run keep that run's settings
         blocks.setdefault(_block(r["ratio"], r["structure"]), record.get("settings", {}))
     record.update({"settings": vars(args), "threads": torch.get_num_threads(), "cpu": platform.processor()})
+    if args.only_requested:
+        requested = {_block(r, st) for r in args.ratios for st in args.structures}
+        requested |= {_block(r["ratio"], r["structure"]) for r in record.get("rows", [])}
+        record["grid"] = sorted(set(record.get("grid", [])) | requested)
     rows: list[dict[str, Any]] = record.setdefault("rows", [])
 
     def ppl(model: torch.nn.Module) -> dict[str, float]:
@@ -223,9 +233,9 @@ def _write(out: Path, record: dict[str, Any]) -> None:
     record.setdefault("load_averages", []).append(round(os.getloadavg()[0], 1))
     loads = record["load_averages"]
     record["machine_note"] = (
-        f"{os.cpu_count()} CPUs, shared with other jobs during parts of the run: 1-minute load average "
-        f"{min(loads)}-{max(loads)} when blocks were written (column `load`: when the row finished; above 2 the"
-        " row's time is inflated by the other jobs)"
+        f"{os.cpu_count()} CPUs, 1-minute load average {min(loads)}-{max(loads)} when blocks were written (column "
+        "`load`: when the row finished; above the CPU count the machine was shared with other jobs and the row's "
+        "time is inflated)"
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "recovery.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -272,6 +282,7 @@ def render(record: dict[str, Any]) -> str:
         for ratio in GRID_RATIOS
         for structure in GRID_STRUCTURES
         if not _complete(record, ratio, structure)
+        and ("grid" not in record or _block(ratio, structure) in record["grid"])
     ]
     if missing:
         lines += ["", f"**Not measured** (the run did not reach them before the deadline): {', '.join(missing)}."]

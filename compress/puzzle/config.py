@@ -31,12 +31,18 @@ class PuzzleConfig(BaseModel):
     allow_linear: bool = Field(
         False, description="also a linear replacement of every sub-block (a least-squares map hidden → hidden)"
     )
+    repair: Literal["bias", "least_squares"] = Field(
+        "bias",
+        description="how a narrower attention/MLP variant is realised for scoring: FLAP bias compensation, or a "
+        "ridge least-squares refit of its consumer (o_proj / down_proj) to the parent sub-block's output on the fit "
+        "windows (the library then scores the blocks as a prune step with reconstruct: least_squares realises them)",
+    )
     fit_samples: int = Field(
         32,
         ge=1,
         le=MAX_COUNT,
-        description="calibration windows after the scoring ones on which linear replacements are fitted (never the "
-        "scoring tokens: a map fitted on them would be scored in-sample)",
+        description="calibration windows after the scoring ones on which linear replacements (and least-squares "
+        "repairs) are fitted (never the scoring tokens: a map fitted on them would be scored in-sample)",
     )
     kv_cache_ratio: float | None = Field(None, gt=0.0, le=1.0, description="max fraction of the dense KV cache")
     latency_ratio: float | None = Field(

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compress.adapters import Arch, attention_layout, decoder_layers, model_config
-from compress.calibration import LayerStats
+from compress.adapters import Arch, AttentionLayout, attention_layout, decoder_layers, linear_at, model_config
+from compress.calibration import LayerInputs, LayerStats
 from compress.checkpoint import tensor_sha256
 from compress.loading import cache_dir as secateurs_cache
+from compress.prune.allocate import ModuleUnits, top_units
 from compress.prune.pruner import collect_statistics, count_parameters, module_units, prunable_parameters
 from compress.puzzle.config import PuzzleConfig
 from compress.puzzle.library import (
@@ -41,6 +42,7 @@ from compress.puzzle.recover import reconstruct_choice
 from compress.puzzle.score import dense_cache, layer_inputs, score_sub_block
 from compress.recipe import PruneConfig
 from compress.recover.least_squares import RIDGE_GRID
+from compress.recover.reconstruct import reconstruct_layer
 from quant.errors import InputError
 
 log = logging.getLogger("secateurs")
@@ -84,16 +86,19 @@ def _library_key(
     settings = {"estimate": cfg.estimate, "mlp_steps": cfg.mlp_steps, "noop": cfg.allow_noop, **asdict(shape)}
     if cfg.allow_linear:  # (absent otherwise: the keys of earlier libraries stay valid)
         settings["linear"] = True
+    if cfg.repair != "bias":
+        settings["repair"] = cfg.repair
+    if cfg.allow_linear or cfg.repair != "bias":
         settings["fit"] = tensor_sha256(fit_ids) if fit_ids is not None else None
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:24]
 
 
 def fit_tokens(calibration: Tensor, cfg: PuzzleConfig) -> Tensor | None:
-    """The windows linear replacements are fitted on ([fit_samples, seq_len]): the ``cfg.fit_samples`` calibration
-    rows after the ``cfg.samples`` scoring rows, so a linear variant is scored out of sample; None without
-    ``allow_linear``. Raises InputError when the calibration has too few windows."""
-    if not cfg.allow_linear:
+    """The windows linear replacements and least-squares repairs are fitted on ([fit_samples, seq_len]): the
+    ``cfg.fit_samples`` calibration rows after the ``cfg.samples`` scoring rows, so such a variant is scored out of
+    sample; None when the library fits nothing. Raises InputError when the calibration has too few windows."""
+    if not cfg.allow_linear and cfg.repair == "bias":
         return None
     need = cfg.samples + cfg.fit_samples
     if calibration.shape[0] < need:
@@ -102,6 +107,27 @@ def fit_tokens(calibration: Tensor, cfg: PuzzleConfig) -> Tensor | None:
             f"{cfg.samples} scoring ones, so calibration.samples must be at least {need} (got {calibration.shape[0]})"
         )
     return calibration[cfg.samples : need, : cfg.seq_len]
+
+
+def repair_variant(
+    layer: nn.Module,
+    arch: Arch,
+    layout: AttentionLayout,
+    stats: LayerStats,
+    units: tuple[ModuleUnits, ModuleUnits],
+    v: Variant,
+    inputs: LayerInputs,
+) -> None:
+    """Realise a narrower attention/MLP variant of the parent ``layer`` with a ridge least-squares refit of its
+    consumer (α per consumer from RIDGE_GRID on held-out mini-batches of ``inputs``) to the parent sub-block's
+    output, on the parent's inputs ``inputs`` (replace-one-block: both streams are the parent's); the same
+    :func:`compress.recover.reconstruct.reconstruct_layer` walk a prune step with ``reconstruct: least_squares``
+    runs on the compressed prefix."""
+    n_kv, width = layout.n_kv, linear_at(layer, arch.down).in_features
+    attn_keep = top_units(units[0].scores, v.units) if v.kind == "attn" else torch.ones(n_kv, dtype=torch.bool)
+    mlp_keep = top_units(units[1].scores, v.units) if v.kind == "mlp" else torch.ones(width, dtype=torch.bool)
+    means = (stats["o"].mean, stats["down"].mean)
+    reconstruct_layer(layer, arch, layout, attn_keep, mlp_keep, inputs, inputs, RIDGE_GRID, means)
 
 
 def score_library(
@@ -124,14 +150,19 @@ def score_library(
     load_before = os.getloadavg()
     clock = time.perf_counter()
     cache = dense_cache(model, arch, ids, batch_size)
-    if cfg.allow_linear and fit_ids is None:
-        raise ValueError("a library with linear replacements needs the fit tokens (fit_tokens)")
-    fit = layer_inputs(model, arch, fit_ids, batch_size) if cfg.allow_linear and fit_ids is not None else None
+    fits = cfg.allow_linear or cfg.repair == "least_squares"
+    if fits and fit_ids is None:
+        raise ValueError("a library with linear replacements or least-squares repairs needs the fit tokens")
+    fit = layer_inputs(model, arch, fit_ids, batch_size) if fits and fit_ids is not None else None
     dense_seconds = time.perf_counter() - clock
 
     def realize(layer: nn.Module, index: int, v: Variant) -> None:
+        layout = attention_layout(config, layer, arch)
+        if cfg.repair == "least_squares" and v.units > 0 and fit is not None:
+            repair_variant(layer, arch, layout, stats[index], units[index], v, fit[index])
+            return
         inputs = fit[index] if v.linear and fit is not None else None  # fitted on the parent's inputs, out of sample
-        realize_sub_block(layer, arch, attention_layout(config, layer, arch), stats[index], units[index], v, inputs)
+        realize_sub_block(layer, arch, layout, stats[index], units[index], v, inputs)
 
     scores: dict[str, list[list[float]]] = {"kl": [], "lm_loss": [], "local": []}
     exact: list[list[bool]] = []

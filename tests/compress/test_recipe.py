@@ -30,6 +30,10 @@ def test_defaults_depend_on_method():
             },
             "steps.0.prune.puzzle.fit_samples: needs at least 36 calibration windows",
         ),
+        (
+            {"steps": [{"prune": {"structure": "puzzle", "puzzle": {"repair": "least_squares"}}}]},
+            "puzzle.repair: least_squares scores the variants as reconstruct: least_squares realises them",
+        ),
         ([1, 2], "expected a mapping"),
     ],
 )

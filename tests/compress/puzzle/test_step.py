@@ -86,6 +86,46 @@ def test_linear_variants_are_fitted_out_of_sample(parent, tmp_path):
         fit_tokens(calibration[:6], cfg)
 
 
+def test_least_squares_repaired_variants_score_as_realised(parent, tmp_path):
+    """With ``repair: least_squares`` a narrower variant is scored with its consumer refitted by ridge least squares
+    on the parent's inputs for the fit windows: its score equals the KL of a full forward of the parent with that
+    layer realised by the prune step's own least-squares walk (reconstruct_layer) on those inputs, and differs
+    from the bias-compensated library's."""
+    from compress.prune.allocate import top_units
+    from compress.recover.least_squares import RIDGE_GRID
+    from compress.recover.reconstruct import reconstruct_layer
+
+    model, arch, stats = parent
+    cfg = PuzzleConfig(
+        samples=4, seq_len=16, mlp_steps=4, cache_dir=str(tmp_path), repair="least_squares", fit_samples=8
+    )
+    calibration = _ids(12)
+    ids, fit = calibration[:4, :16], fit_tokens(calibration, cfg)
+    assert fit is not None
+    lib, _ = cached_library(model, arch, stats, ids, cfg, 4, fit)
+    plain, _ = cached_library(model, arch, stats, ids, cfg.model_copy(update={"repair": "bias"}), 4, fit)
+    units = module_units(model, arch, PruneConfig(method="flap"), stats)
+    fit_inputs = layer_inputs(model, arch, fit)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.log_softmax(-1)
+    for g, label in ((3, "mlp:48"), (4, "attn:1")):
+        v = lib.variants[g].index(label)
+        index = g // 2
+        swapped = copy.deepcopy(model)
+        layer = decoder_layers(swapped, arch)[index]
+        layout = attention_layout(model.config, layer, arch)
+        n_kv, width = layout.n_kv, 96
+        attn = top_units(units[index][0].scores, 1) if g % 2 == 0 else torch.ones(n_kv, dtype=torch.bool)
+        mlp = top_units(units[index][1].scores, 48) if g % 2 else torch.ones(width, dtype=torch.bool)
+        means = (stats[index]["o"].mean, stats[index]["down"].mean)
+        reconstruct_layer(layer, arch, layout, attn, mlp, fit_inputs[index], fit_inputs[index], RIDGE_GRID, means)
+        with torch.no_grad():
+            logq = swapped(input_ids=ids).logits.log_softmax(-1)
+        kl = float((ref.exp() * (ref - logq)).sum(-1).mean())
+        assert lib.scores["kl"][g][v] == pytest.approx(kl, rel=1e-4, abs=1e-7), label
+        assert lib.scores["kl"][g][v] != plain.scores["kl"][g][v]
+
+
 def test_local_estimate_is_exact_at_the_anchor(parent, tmp_path):
     model, arch, stats = parent
     ids = _ids()[:4, :16]
