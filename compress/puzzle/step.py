@@ -103,8 +103,9 @@ def fit_tokens(calibration: Tensor, cfg: PuzzleConfig) -> Tensor | None:
     need = cfg.samples + cfg.fit_samples
     if calibration.shape[0] < need:
         raise InputError(
-            f"puzzle.fit_samples: linear replacements are fitted on {cfg.fit_samples} calibration windows after the "
-            f"{cfg.samples} scoring ones, so calibration.samples must be at least {need} (got {calibration.shape[0]})"
+            f"puzzle.fit_samples: linear replacements and least-squares repairs are fitted on {cfg.fit_samples} "
+            f"calibration windows after the {cfg.samples} scoring ones, so calibration.samples must be at least "
+            f"{need} (got {calibration.shape[0]})"
         )
     return calibration[cfg.samples : need, : cfg.seq_len]
 
