@@ -299,7 +299,8 @@ def puzzle_widths(
     of a width search; the library comes from its cache (scored once). Linear replacements have no width."""
     if cfg.allow_linear:
         raise InputError("puzzle widths: linear replacements have no width (set puzzle.allow_linear: false)")
-    lib, _ = cached_library(model, arch, stats, calibration[: cfg.samples, : cfg.seq_len], cfg)
+    fit_ids = fit_tokens(calibration, cfg)
+    lib, _ = cached_library(model, arch, stats, calibration[: cfg.samples, : cfg.seq_len], cfg, 4, fit_ids)
     budget = count_parameters(model) - ratio * prunable_parameters(model, arch) - lib.fixed_params
     sol = solve_budget(lib, cfg.score, budget, cfg.kv_cache_ratio, cfg.latency_ratio, cfg.time_limit)
     summary = choice_summary([lib.parsed(g)[v] for g, v in enumerate(sol.choice)])
