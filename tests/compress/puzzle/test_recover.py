@@ -82,14 +82,13 @@ def test_equals_flap_least_squares_at_the_chosen_widths(parent, tmp_path):
 
 
 def test_noops_and_linear_replacements_refit_and_reload(parent, tmp_path):
-    from compress.remote.modeling_secateurs import LinearSubBlock
-
     """A hand-made choice with linear replacements, no-ops and mixed widths (whether the MILP prefers a linear map
     depends on its out-of-sample score; on this random tiny model it does not) refitted by least squares."""
     from compress.puzzle.library import Variant
     from compress.puzzle.recover import reconstruct_choice
     from compress.puzzle.step import choice_summary
     from compress.recover.least_squares import RIDGE_GRID
+    from compress.remote.modeling_secateurs import LinearSubBlock
 
     model, arch, stats = parent
     pruned = copy.deepcopy(model)
