@@ -331,7 +331,7 @@ def latency_match(args: argparse.Namespace, out: Path) -> None:
 
 def time_scoring(args: argparse.Namespace, out: Path) -> None:
     """Re-time the library scoring on a sample: the dense pass over the scoring tokens and the variants of both
-    sub-blocks of one layer (``local`` estimate as the library), with the load average before and after."""
+    sub-blocks of one layer (with the library's estimate), with the load average before and after."""
     from compress.adapters import attention_layout, decoder_layers, model_config
     from compress.puzzle.library import block_shape, library, realize_sub_block
     from compress.puzzle.score import score_sub_block
