@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compress.adapters import Arch, AttentionLayout, attention_layout, decoder_layers, linear_at, model_config
+from compress.adapters import Arch, AttentionLayout, attention_layout, decoder_layers, model_config
 from compress.calibration import LayerInputs, LayerStats
 from compress.checkpoint import tensor_sha256
 from compress.loading import cache_dir as secateurs_cache
-from compress.prune.allocate import ModuleUnits, top_units
+from compress.prune.allocate import ModuleUnits
 from compress.prune.pruner import collect_statistics, count_parameters, module_units, prunable_parameters
 from compress.puzzle.config import PuzzleConfig
 from compress.puzzle.library import (
@@ -38,7 +38,7 @@ from compress.puzzle.library import (
     variant_params,
 )
 from compress.puzzle.milp import MilpSolution, solve_choice
-from compress.puzzle.recover import reconstruct_choice
+from compress.puzzle.recover import keep_masks, reconstruct_choice
 from compress.puzzle.score import dense_cache, layer_inputs, score_sub_block
 from compress.recipe import PruneConfig
 from compress.recover.least_squares import RIDGE_GRID
@@ -124,9 +124,9 @@ def repair_variant(
     output, on the parent's inputs ``inputs`` (replace-one-block: both streams are the parent's); the same
     :func:`compress.recover.reconstruct.reconstruct_layer` walk a prune step with ``reconstruct: least_squares``
     runs on the compressed prefix."""
-    n_kv, width = layout.n_kv, linear_at(layer, arch.down).in_features
-    attn_keep = top_units(units[0].scores, v.units) if v.kind == "attn" else torch.ones(n_kv, dtype=torch.bool)
-    mlp_keep = top_units(units[1].scores, v.units) if v.kind == "mlp" else torch.ones(width, dtype=torch.bool)
+    attn = v if v.kind == "attn" else Variant("attn", units[0].scores.numel())  # the other sub-block stays whole
+    mlp = v if v.kind == "mlp" else Variant("mlp", units[1].scores.numel())
+    attn_keep, mlp_keep = keep_masks(units, attn, mlp)
     means = (stats["o"].mean, stats["down"].mean)
     reconstruct_layer(layer, arch, layout, attn_keep, mlp_keep, inputs, inputs, RIDGE_GRID, means)
 
